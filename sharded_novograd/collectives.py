@@ -1,0 +1,159 @@
+"""Every torch.distributed call of the project goes through this module.
+
+Functions take a process group and never create one nor read the environment. All
+tensors handed to a collective are 1-D and contiguous: gloo ignores strides and
+silently returns wrong results for anything else.
+
+The gradient reduction and parameter gather come in two methods, chosen per
+backend (measured, see docs/design.md):
+
+- ``"reduce_scatter"``: reduce-scatter of gradients and all-gather of parameters, the
+  bandwidth-optimal pair on NCCL.
+- ``"all_reduce"``: all-reduce of gradients keeping the local slice, and one broadcast
+  per owner for parameters: the fastest pair on gloo, whose reduce-scatter and
+  all-gather are not bandwidth-optimal.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "METHODS", "pick_method", "group_rank", "group_size", "check_same_plan", "broadcast_flat",
+    "reduce_gradients", "gather_shards", "all_reduce_stats", "all_gather_stats", "all_reduce_flags",
+]
+
+METHODS = ("auto", "reduce_scatter", "all_reduce")
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    if t.dim() != 1 or not t.is_contiguous():
+        raise RuntimeError(f"collectives need 1-D contiguous tensors, got shape {tuple(t.shape)} "
+                           f"stride {t.stride()}")
+    return t
+
+
+def _gather_into(output: torch.Tensor, input: torch.Tensor, group) -> None:
+    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    fn(_flat(output), _flat(input), group=group)
+
+
+def _reduce_scatter(output: torch.Tensor, input: torch.Tensor, group) -> None:
+    fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    fn(_flat(output), _flat(input), op=dist.ReduceOp.SUM, group=group)
+
+
+def group_rank(group) -> int:
+    return dist.get_rank(group)
+
+
+def group_size(group) -> int:
+    return dist.get_world_size(group)
+
+
+def pick_method(method: str, group) -> str:
+    """Resolve ``"auto"`` to the faster method for the group's backend."""
+    if method not in METHODS:
+        raise ValueError(f"Invalid collective method: {method!r} (expected one of {METHODS})")
+    if method != "auto":
+        return method
+    return "reduce_scatter" if dist.get_backend(group) == "nccl" else "all_reduce"
+
+
+def check_same_plan(lines: List[str], digest: bytes, group, device) -> None:
+    """Raise RuntimeError on every rank unless all ranks built the same plan.
+
+    All ranks all-gather a 32-byte digest; only when they differ do they exchange the
+    plan's text, to name the first difference. This needs to be called on all ranks.
+    """
+    n = group_size(group)
+    mine = torch.tensor(list(digest), dtype=torch.uint8, device=device).to(torch.int32)
+    every = torch.empty(n * mine.numel(), dtype=torch.int32, device=device)
+    _gather_into(every, mine, group)
+    every = every.view(n, -1)
+    if bool((every == every[0]).all()):
+        return
+    texts: List[Optional[List[str]]] = [None] * n
+    dist.all_gather_object(texts, lines, group=group)
+    for r in range(1, n):
+        if texts[r] == texts[0]:
+            continue
+        for i in range(max(len(texts[0]), len(texts[r]))):
+            a = texts[0][i] if i < len(texts[0]) else "<missing>"
+            b = texts[r][i] if i < len(texts[r]) else "<missing>"
+            if a != b:
+                raise RuntimeError(f"parameter layouts differ across ranks: rank 0 has '{a}' "
+                                   f"but rank {r} has '{b}'. Every rank must build the optimizer "
+                                   f"from the same parameters in the same order.")
+    raise RuntimeError("parameter layouts differ across ranks")
+
+
+def broadcast_flat(flat: torch.Tensor, group, src: int = 0) -> None:
+    """Broadcast ``flat`` from group rank ``src``. This needs to be called on all ranks."""
+    dist.broadcast(_flat(flat), src=dist.get_global_rank(group, src), group=group)
+
+
+def reduce_gradients(flat: torch.Tensor, shard_size: int, method: str, group,
+                     shard_only: bool = True) -> torch.Tensor:
+    """Average ``flat`` (the padded flat gradient) over the group.
+
+    Returns this rank's shard of the mean. With ``shard_only=False`` (ZeRO-1) the whole
+    of ``flat`` holds the mean afterwards and the shard returned is a view of it. This
+    needs to be called on all ranks.
+    """
+    n, r = group_size(group), group_rank(group)
+    _flat(flat)
+    if shard_only and method == "reduce_scatter":
+        out = torch.empty(shard_size, dtype=flat.dtype, device=flat.device)
+        _reduce_scatter(out, flat, group)
+        return out.div_(n)
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+    if shard_only:
+        return flat.narrow(0, r * shard_size, shard_size).div_(n)
+    return flat.div_(n).narrow(0, r * shard_size, shard_size)
+
+
+def gather_shards(flat: torch.Tensor, shard_size: int, method: str, group) -> None:
+    """Fill ``flat`` in place with every rank's shard ``flat[r*S:(r+1)*S]``.
+
+    This needs to be called on all ranks.
+    """
+    n, r = group_size(group), group_rank(group)
+    _flat(flat)
+    if n == 1:
+        return
+    if method == "reduce_scatter":
+        mine = flat.narrow(0, r * shard_size, shard_size)
+        # NCCL documents the in-place form (input is the rank's slice of the output).
+        _gather_into(flat, mine if dist.get_backend(group) == "nccl" else mine.clone(), group)
+        return
+    for owner in range(n):
+        dist.broadcast(flat.narrow(0, owner * shard_size, shard_size),
+                       src=dist.get_global_rank(group, owner), group=group)
+
+
+def all_reduce_stats(vec: torch.Tensor, group) -> torch.Tensor:
+    """Sum the packed per-layer statistics in place: the step's one O(L) collective."""
+    dist.all_reduce(_flat(vec), op=dist.ReduceOp.SUM, group=group)
+    return vec
+
+
+def all_gather_stats(vec: torch.Tensor, group) -> torch.Tensor:
+    """Gather every rank's packed statistics as a ``[N, len(vec)]`` tensor (one collective).
+
+    Used for norm_type=inf, whose per-layer MAX and whole-gradient SUM cannot share
+    one all-reduce.
+    """
+    n = group_size(group)
+    out = torch.empty(n * vec.numel(), dtype=vec.dtype, device=vec.device)
+    _gather_into(out, _flat(vec), group)
+    return out.view(n, -1)
+
+
+def all_reduce_flags(flags: torch.Tensor, group) -> torch.Tensor:
+    """Sum small per-rank flags so that every rank takes the same decision."""
+    dist.all_reduce(_flat(flags), op=dist.ReduceOp.SUM, group=group)
+    return flags

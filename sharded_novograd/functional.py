@@ -1,0 +1,157 @@
+"""NovoGrad's math, split into the per-layer part and the elementwise part.
+
+The per-layer part (:func:`layer_update`) runs on O(L) vectors: it turns each
+layer's gradient statistic into the new second moment and eight scalars that fully
+describe that layer's elementwise update. The elementwise part is then the same for
+every preset (paper, apex-compatible, with or without decoupled decay)::
+
+    gs = g * gscale
+    m  = b1 * m + b3 * (gs / d_in + wd_in * w)
+    w  = w - step * (m / d_out + wd_out * w)
+
+A layer that takes no update gets ``b1=1, b3=gscale=step=wd_in=wd_out=0, d_in=d_out=1``,
+which leaves ``m`` and ``w`` bit-for-bit unchanged. The single-process reference,
+the sharded optimizer, the torch kernels and the Triton kernels all share this
+contract, so every preset goes through every path.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Dict, List, Sequence
+
+import torch
+
+__all__ = [
+    "COEFF_COLUMNS", "NUM_COEFFS", "LayerHyper", "validate_hyperparameters",
+    "layer_update", "update_tensor", "identity_coeffs",
+]
+
+COEFF_COLUMNS = ("b1", "b3", "gscale", "d_in", "wd_in", "step", "d_out", "wd_out")
+NUM_COEFFS = len(COEFF_COLUMNS)
+B1, B3, GSCALE, D_IN, WD_IN, STEP, D_OUT, WD_OUT = range(NUM_COEFFS)
+
+_FLAGS = ("grad_averaging", "amsgrad", "reg_inside_moment", "bias_correction", "init_zero")
+
+
+def validate_hyperparameters(hp: Dict) -> None:
+    """Raise ValueError naming the first invalid hyperparameter in ``hp``."""
+    lr = hp.get("lr")
+    if not isinstance(lr, (int, float, torch.Tensor)) or isinstance(lr, bool) or not float(lr) >= 0.0:
+        raise ValueError(f"Invalid learning rate: {lr}")
+    eps = hp.get("eps")
+    if not isinstance(eps, (int, float)) or not eps >= 0.0:
+        raise ValueError(f"Invalid epsilon value: {eps}")
+    betas = hp.get("betas")
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"Invalid betas: {betas!r} (expected a pair of floats)")
+    for i, b in enumerate(betas):
+        if not isinstance(b, (int, float)) or not 0.0 <= b < 1.0:
+            raise ValueError(f"Invalid beta parameter at index {i}: {b}")
+    wd = hp.get("weight_decay")
+    if not isinstance(wd, (int, float)) or not wd >= 0.0:
+        raise ValueError(f"Invalid weight_decay value: {wd}")
+    nt = hp.get("norm_type")
+    if nt not in (2, 2.0, math.inf):
+        raise ValueError(f"Invalid norm_type: {nt!r} (expected 2 or float('inf'))")
+    for name in _FLAGS:
+        if not isinstance(hp.get(name), bool):
+            raise ValueError(f"Invalid {name}: {hp.get(name)!r} (expected a bool)")
+
+
+@dataclass
+class LayerHyper:
+    """Per-layer hyperparameter vectors (one entry per layer), on one device and dtype."""
+
+    lr: torch.Tensor
+    beta1: torch.Tensor
+    beta2: torch.Tensor
+    eps: torch.Tensor
+    weight_decay: torch.Tensor
+    grad_averaging: torch.Tensor
+    amsgrad: torch.Tensor
+    reg_inside_moment: torch.Tensor
+    bias_correction: torch.Tensor
+    init_zero: torch.Tensor
+
+    @classmethod
+    def from_groups(cls, groups: Sequence[Dict], layer_group: Sequence[int], dtype, device) -> "LayerHyper":
+        """Build the vectors from torch-style param groups; layer i uses ``groups[layer_group[i]]``."""
+        def vec(fn, dt=dtype):
+            return torch.tensor([fn(groups[g]) for g in layer_group], dtype=dt, device=device)
+
+        return cls(
+            lr=vec(lambda g: float(g["lr"])),
+            beta1=vec(lambda g: g["betas"][0]),
+            beta2=vec(lambda g: g["betas"][1]),
+            eps=vec(lambda g: g["eps"]),
+            weight_decay=vec(lambda g: g["weight_decay"]),
+            **{f: vec(lambda g, f=f: g[f], torch.bool) for f in _FLAGS},
+        )
+
+
+def layer_update(stat: torch.Tensor, has_grad: torch.Tensor, v: torch.Tensor, v_max: torch.Tensor,
+                 step: torch.Tensor, hp: LayerHyper, *, norm_type: float, gscale=1.0):
+    """One step of the per-layer math on O(L) vectors.
+
+    Args:
+        stat: per-layer ``||g||_2^2`` (norm_type 2) or ``max|g|`` (inf) of the gradient
+            as it will be used, that is already multiplied by ``gscale`` (squared for 2).
+        has_grad: bool vector, layers that take an update this step.
+        v, v_max, step: per-layer second moment, its running max (amsgrad) and step count.
+        hp: per-layer hyperparameters.
+        norm_type: 2 or inf; for 2, ``v`` holds the squared norm.
+        gscale: gradient multiplier (clipping), a float or a 0-dim tensor.
+
+    Returns:
+        ``(v, v_max, step, coeffs)``: the new state vectors and a ``[L, NUM_COEFFS]``
+        coefficient table in the column order of :data:`COEFF_COLUMNS`.
+    """
+    one = torch.ones_like(v)
+    b1, b2 = hp.beta1, hp.beta2
+    t = step + has_grad.to(step.dtype)
+    first = has_grad & (step == 0)
+    blended = b2 * v + (1 - b2) * stat
+    v_first = torch.where(hp.init_zero, (1 - b2) * stat, stat)
+    v_new = torch.where(has_grad, torch.where(first, v_first, blended), v)
+    v_max_new = torch.where(has_grad & hp.amsgrad, torch.maximum(v_max, v_new), v_max)
+    v_used = torch.where(hp.amsgrad, v_max_new, v_new)
+
+    bc1 = torch.where(hp.bias_correction, 1 - b1 ** t, one)
+    bc2 = torch.where(hp.bias_correction, torch.sqrt(1 - b2 ** t), one)
+    root = torch.sqrt(v_used) if norm_type == 2 else v_used
+    d = root / bc2 + hp.eps
+    b3 = torch.where(hp.grad_averaging, 1 - b1, one)
+    inside = hp.reg_inside_moment
+    zero = torch.zeros_like(v)
+
+    cols = [None] * NUM_COEFFS
+    cols[B1] = b1
+    cols[B3] = b3
+    cols[GSCALE] = one * gscale
+    cols[D_IN] = torch.where(inside, d, one)
+    cols[WD_IN] = torch.where(inside, hp.weight_decay, zero)
+    cols[STEP] = torch.where(inside, hp.lr / bc1, hp.lr)
+    cols[D_OUT] = torch.where(inside, one, bc1 * d)
+    cols[WD_OUT] = torch.where(inside, zero, hp.weight_decay)
+    coeffs = torch.stack(cols, dim=1)
+    coeffs = torch.where(has_grad.unsqueeze(1), coeffs, identity_coeffs(len(v), v.dtype, v.device))
+    return v_new, v_max_new, t, coeffs
+
+
+def identity_coeffs(num_layers: int, dtype=torch.float32, device=None) -> torch.Tensor:
+    """Coefficients that leave ``m`` and ``w`` unchanged (layers without a gradient)."""
+    c = torch.zeros(num_layers, NUM_COEFFS, dtype=dtype, device=device)
+    c[:, B1] = 1.0
+    c[:, D_IN] = 1.0
+    c[:, D_OUT] = 1.0
+    return c
+
+
+def update_tensor(g: torch.Tensor, m: torch.Tensor, w: torch.Tensor, c: List[float]) -> None:
+    """Apply one layer's elementwise update in place, ``c`` being its coefficient row."""
+    # The same operation sequence as the foreach kernel, so fp32 results agree bit for bit.
+    u = g.mul(c[GSCALE]).div_(c[D_IN]).add_(w.mul(c[WD_IN])).mul_(c[B3])
+    m.mul_(c[B1]).add_(u)
+    w.sub_(m.div(c[D_OUT]).add_(w.mul(c[WD_OUT])).mul_(c[STEP]))

@@ -1,0 +1,1 @@
+"""Bindings to training frameworks. Each module imports its framework lazily."""

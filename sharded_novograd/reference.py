@@ -1,0 +1,121 @@
+"""Single-process NovoGrad: the specification every other path is tested against."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterable, Optional
+
+import torch
+
+from . import functional as F
+
+__all__ = ["NovoGrad"]
+
+
+class NovoGrad(torch.optim.Optimizer):
+    r"""NovoGrad with one second-moment scalar per layer (parameter tensor).
+
+    .. math::
+        \begin{aligned}
+        n_l &= \lVert g_l \rVert_2^2 \quad(\text{or } \max|g_l| \text{ for norm\_type=inf}) \\
+        v_l &= n_l \text{ on a layer's first step (} (1-\beta_2) n_l \text{ with init\_zero), else }
+               \beta_2 v_l + (1-\beta_2) n_l \\
+        \hat v_l &= \max(\hat v_l, v_l) \text{ with amsgrad, else } v_l \\
+        d_l &= \sqrt{\hat v_l} / bc_2 + \epsilon \quad(\hat v_l / bc_2 + \epsilon \text{ for inf}) \\
+        \text{reg\_inside\_moment:}\quad m_l &= \beta_1 m_l + b_3 (g_l / d_l + \lambda w_l),
+            \quad w_l \mathrel{-}= \eta\, m_l / bc_1 \\
+        \text{otherwise:}\quad m_l &= \beta_1 m_l + b_3 g_l,
+            \quad w_l \mathrel{-}= \eta\,(m_l / (bc_1 d_l) + \lambda w_l)
+        \end{aligned}
+
+    with :math:`b_3 = 1-\beta_1` if ``grad_averaging`` else 1, and
+    :math:`bc_1 = 1-\beta_1^t`, :math:`bc_2 = \sqrt{1-\beta_2^t}` if ``bias_correction``
+    else 1. The defaults are the paper's algorithm (as in NVIDIA NeMo's Novograd and
+    torch-optimizer's NovoGrad). ``reg_inside_moment=False, bias_correction=True``
+    reproduces ``apex.optimizers.FusedNovoGrad``'s defaults.
+
+    Args:
+        params: iterable of parameters or dicts defining param groups.
+        lr: learning rate (default: 1e-3)
+        betas: coefficients of the first and second moments (default: (0.95, 0.98))
+        eps: added to the denominator (default: 1e-8)
+        weight_decay: weight decay (default: 0)
+        grad_averaging: scale the moment's input by ``1 - beta1`` (default: False)
+        amsgrad: use the running maximum of the second moment (default: False)
+        reg_inside_moment: apply weight decay inside the first moment; False gives
+            decoupled decay as in apex (default: True)
+        bias_correction: apply Adam-style bias correction (default: False)
+        init_zero: start the second moment at 0 rather than at the first norm (default: False)
+        norm_type: 2 or ``float("inf")`` (default: 2)
+
+    State per parameter: ``step``, ``exp_avg``, ``exp_avg_sq`` (0-dim: ``v`` above,
+    the squared norm for norm_type 2) and ``max_exp_avg_sq`` with amsgrad.
+    """
+
+    def __init__(self, params: Iterable, lr: float = 1e-3, betas=(0.95, 0.98), eps: float = 1e-8,
+                 weight_decay: float = 0.0, *, grad_averaging: bool = False, amsgrad: bool = False,
+                 reg_inside_moment: bool = True, bias_correction: bool = False, init_zero: bool = False,
+                 norm_type: float = 2):
+        defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
+                        weight_decay=weight_decay, grad_averaging=grad_averaging, amsgrad=amsgrad,
+                        reg_inside_moment=reg_inside_moment, bias_correction=bias_correction,
+                        init_zero=init_zero, norm_type=norm_type)
+        F.validate_hyperparameters(defaults)
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        F.validate_hyperparameters(self.param_groups[-1])
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable] = None):
+        """Perform a single optimization step.
+
+        Args:
+            closure: a closure that re-evaluates the model and returns the loss (default: None)
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            for p in params:
+                if p.grad.is_sparse:
+                    raise RuntimeError("NovoGrad does not support sparse gradients")
+            self._step_group(group, params)
+        return loss
+
+    def _step_group(self, group, params):
+        norm_type = 2 if group["norm_type"] == 2 else math.inf
+        dtype = torch.promote_types(params[0].dtype, torch.float32)
+        device = params[0].device
+        stats, vs, vmaxs, steps = [], [], [], []
+        for p in params:
+            state = self.state[p]
+            if len(state) == 0:
+                state["step"] = torch.tensor(0.0)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros((), dtype=dtype, device=device)
+                if group["amsgrad"]:
+                    state["max_exp_avg_sq"] = torch.zeros((), dtype=dtype, device=device)
+            g = p.grad.to(dtype)
+            stats.append(g.square().sum() if norm_type == 2 else g.abs().max() if g.numel() else g.sum())
+            vs.append(state["exp_avg_sq"].to(dtype=dtype, device=device))
+            vmaxs.append(state.get("max_exp_avg_sq", vs[-1]).to(dtype=dtype, device=device))
+            steps.append(float(state["step"]))
+        n = len(params)
+        hp = F.LayerHyper.from_groups([group], [0] * n, dtype, device)
+        v, v_max, t, coeffs = F.layer_update(
+            torch.stack(stats), torch.ones(n, dtype=torch.bool, device=device), torch.stack(vs),
+            torch.stack(vmaxs), torch.tensor(steps, dtype=dtype, device=device), hp, norm_type=norm_type)
+        rows = coeffs.tolist()
+        for i, p in enumerate(params):
+            state = self.state[p]
+            state["step"] = torch.tensor(float(t[i]))
+            state["exp_avg_sq"] = v[i].clone()
+            if group["amsgrad"]:
+                state["max_exp_avg_sq"] = v_max[i].clone()
+            F.update_tensor(p.grad.to(p.dtype), state["exp_avg"], p, rows[i])

@@ -1,0 +1,418 @@
+"""ShardedNovoGrad: NovoGrad with ZeRO-1/2 sharding over a torch.distributed group."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from typing import Callable, Dict, Iterable, List, Optional
+
+import torch
+
+from . import collectives as C
+from . import functional as F
+from . import kernels as K
+from .layout import DEFAULT_ALIGN, ShardLayout
+
+__all__ = ["ShardedNovoGrad"]
+
+logger = logging.getLogger(__name__)
+
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+class ShardedNovoGrad(torch.optim.Optimizer):
+    r"""NovoGrad whose first moments (and fp32 master weights) are sharded over ranks.
+
+    The math is :class:`sharded_novograd.NovoGrad`'s, exactly: the per-layer norms are
+    summed from every rank's fragments with one all-reduce of O(L) floats per step.
+    Build it identically on every rank of ``process_group``; do NOT wrap the model in
+    DDP: the optimizer averages gradients (mean over ranks) itself.
+
+    At construction the trainable parameters (``requires_grad=True``; others are left
+    alone) become views of one flat buffer; rank 0's values are broadcast to all
+    ranks, as DDP does. Rank r owns an element-balanced contiguous range of that
+    buffer and keeps ``exp_avg`` (and, for bf16/fp16 parameters, fp32 master weights)
+    for that range only. Each :meth:`step`:
+
+    1. averages gradients over the group (ZeRO-2: into this rank's shard only, then
+       frees every ``.grad``; ZeRO-1: all of them, keeping ``.grad``),
+    2. computes per-layer partial statistics of the shard and all-reduces them in ONE
+       collective, which also decides clipping and overflow for every rank at once,
+    3. updates the replicated per-layer second moments and, with a fused kernel, the
+       shard's ``exp_avg`` and weights,
+    4. gathers the updated shards into the flat parameter buffer.
+
+    A layer whose ``.grad`` is None on every rank is left untouched. A gradient with
+    an inf or NaN on any rank skips the step on every rank, changing nothing
+    (counted in :attr:`skipped_steps`).
+
+    Args:
+        params, lr, betas, eps, weight_decay, grad_averaging, amsgrad,
+        reg_inside_moment, bias_correction, init_zero, norm_type: as for
+            :class:`sharded_novograd.NovoGrad`.
+        process_group: the data-parallel group (default: None, the world group)
+        zero_stage: 1 (gradients all-reduced) or 2 (gradients reduce-scattered) (default: 2)
+        max_grad_norm: clip the averaged gradient to this global L2 norm (default: None)
+        fused: kernel choice: None picks Triton on CUDA and torch elsewhere, True
+            demands Triton, False forces torch (default: None)
+        collective_method: ``"auto"``, ``"reduce_scatter"`` or ``"all_reduce"``, see
+            :mod:`sharded_novograd.collectives` (default: "auto")
+        align: the flat buffer is padded to a multiple of ``world_size * align``
+            elements (default: 64)
+    """
+
+    def __init__(self, params: Iterable, lr: float = 1e-3, betas=(0.95, 0.98), eps: float = 1e-8,
+                 weight_decay: float = 0.0, *, grad_averaging: bool = False, amsgrad: bool = False,
+                 reg_inside_moment: bool = True, bias_correction: bool = False, init_zero: bool = False,
+                 norm_type: float = 2, process_group=None, zero_stage: int = 2,
+                 max_grad_norm: Optional[float] = None, fused: Optional[bool] = None,
+                 collective_method: str = "auto", align: int = DEFAULT_ALIGN):
+        defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
+                        weight_decay=weight_decay, grad_averaging=grad_averaging, amsgrad=amsgrad,
+                        reg_inside_moment=reg_inside_moment, bias_correction=bias_correction,
+                        init_zero=init_zero, norm_type=norm_type)
+        F.validate_hyperparameters(defaults)
+        if zero_stage not in (1, 2):
+            raise ValueError(f"Invalid zero_stage: {zero_stage!r} (expected 1 or 2)")
+        if max_grad_norm is not None and (isinstance(max_grad_norm, bool) or not max_grad_norm > 0):
+            raise ValueError(f"Invalid max_grad_norm: {max_grad_norm!r} (expected None or a float > 0)")
+        if fused not in (None, True, False):
+            raise ValueError(f"Invalid fused: {fused!r} (expected None, True or False)")
+        if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+            raise RuntimeError("ShardedNovoGrad needs an initialized process group: call "
+                               "torch.distributed.init_process_group() first (torchrun sets up the environment)")
+        super().__init__(params, defaults)
+        norm_types = {2 if g["norm_type"] == 2 else math.inf for g in self.param_groups}
+        if len(norm_types) != 1:
+            raise ValueError(f"Invalid norm_type: param groups mix {sorted(norm_types)}; "
+                             "all groups must use the same norm_type")
+        self.norm_type = norm_types.pop()
+        self.zero_stage = zero_stage
+        self.max_grad_norm = max_grad_norm
+        self.fused = fused
+        self.process_group = process_group if process_group is not None else torch.distributed.group.WORLD
+        self.method = C.pick_method(collective_method, self.process_group)
+        self.rank = C.group_rank(self.process_group)
+        self.world_size = C.group_size(self.process_group)
+        if self.rank < 0:
+            raise RuntimeError("this process is not a member of the process_group passed to ShardedNovoGrad")
+        self._build(align)
+        self._skipped = 0
+        self._grad_norm = float("nan")
+
+    # ------------------------------------------------------------------ set-up
+    def add_param_group(self, param_group: dict) -> None:
+        if getattr(self, "layout", None) is not None:
+            raise RuntimeError("ShardedNovoGrad cannot add param groups after construction: "
+                               "the flat layout is fixed; pass every group to the constructor")
+        super().add_param_group(param_group)
+        F.validate_hyperparameters(self.param_groups[-1])
+
+    def _build(self, align: int) -> None:
+        self._params: List[torch.Tensor] = []
+        self._layer_group: List[int] = []
+        self._param_index: List[int] = []  # torch state_dict index of each layer
+        index = 0
+        for gi, group in enumerate(self.param_groups):
+            for p in group["params"]:
+                if p.requires_grad:
+                    self._params.append(p)
+                    self._layer_group.append(gi)
+                    self._param_index.append(index)
+                index += 1
+        if not self._params:
+            raise ValueError("ShardedNovoGrad got no parameter with requires_grad=True")
+        first = self._params[0]
+        for i, p in enumerate(self._params):
+            if p.device != first.device:
+                raise ValueError(f"parameters are on different devices: layer 0 on {first.device}, "
+                                 f"layer {i} on {p.device}; move the model to one device first")
+            if p.dtype != first.dtype:
+                raise ValueError(f"parameters have different dtypes: layer 0 is {first.dtype}, "
+                                 f"layer {i} is {p.dtype}; cast the model to one dtype first")
+        if not first.dtype.is_floating_point:
+            raise ValueError(f"parameters must be floating point, got {first.dtype}")
+        if first.is_sparse:
+            raise ValueError("ShardedNovoGrad does not support sparse parameters")
+        self.device, self.param_dtype = first.device, first.dtype
+        self.state_dtype = torch.promote_types(first.dtype, torch.float32)
+        self.layout = ShardLayout(tuple(tuple(p.shape) for p in self._params), self.world_size, align)
+        lines = self.layout.describe() + [f"dtype={self.param_dtype}", f"zero_stage={self.zero_stage}",
+                                          f"norm_type={self.norm_type}", f"method={self.method}"]
+        lines += [f"layer {i}: group={g}" for i, g in enumerate(self._layer_group)]
+        self._plan_digest = hashlib.sha256("\n".join(lines).encode()).digest()
+        C.check_same_plan(lines, self._plan_digest, self.process_group, self.device)
+
+        lay, S = self.layout, self.layout.shard_size
+        self._flat = torch.zeros(lay.padded_total, dtype=self.param_dtype, device=self.device)
+        for p, off, n in zip(self._params, lay.offsets, lay.numels):
+            view = self._flat.narrow(0, off, n).view_as(p)
+            view.copy_(p.detach())
+            p.data = view
+        C.broadcast_flat(self._flat, self.process_group, src=0)
+        self._shard = self._flat.narrow(0, self.rank * S, S)
+        if self.param_dtype in _LOW_PRECISION:
+            self._master = self._shard.to(self.state_dtype)
+            self._lowp = self._shard
+        else:
+            self._master, self._lowp = self._shard, None  # fp32 models need no master copy
+        L = lay.num_layers
+        self._exp_avg = torch.zeros(S, dtype=self.state_dtype, device=self.device)
+        self._v = torch.zeros(L, dtype=self.state_dtype, device=self.device)
+        self._v_max = torch.zeros(L, dtype=self.state_dtype, device=self.device)
+        self._t = torch.zeros(L, dtype=self.state_dtype, device=self.device)
+        self._table = lay.table(self.rank)
+        self._hyper_key = None
+        self._hyper = None
+        K.use_triton(self._exp_avg, self.fused)  # fail now, not at the first step
+        if self.rank == 0:
+            logger.info("ShardedNovoGrad: %d layers, %d elements, %d ranks x %d elements, zero_stage=%d, "
+                        "method=%s", L, lay.total, self.world_size, S, self.zero_stage, self.method)
+
+    def _layer_hyper(self) -> F.LayerHyper:
+        keys = ("lr", "betas", "eps", "weight_decay", "grad_averaging", "amsgrad", "reg_inside_moment",
+                "bias_correction", "init_zero", "norm_type")
+        key = tuple(tuple(float(g["lr"]) if k == "lr" else g[k] for k in keys) for g in self.param_groups)
+        if key != self._hyper_key:
+            for g in self.param_groups:
+                F.validate_hyperparameters(g)
+            self._hyper = F.LayerHyper.from_groups(self.param_groups, self._layer_group,
+                                                   self.state_dtype, self.device)
+            self._hyper_key = key
+        return self._hyper
+
+    # ------------------------------------------------------------------ stepping
+    @property
+    def grad_norm(self) -> float:
+        """Global L2 norm of the rank-averaged gradient at the last step (before clipping)."""
+        return self._grad_norm
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped on every rank because a gradient held an inf or NaN."""
+        return self._skipped
+
+    def state_bytes(self) -> int:
+        """Bytes of optimizer state held by this rank (shards plus the O(L) vectors)."""
+        tensors = [self._exp_avg, self._v, self._v_max, self._t]
+        if self._lowp is not None:
+            tensors.append(self._master)
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def _gather_gradients(self):
+        lay = self.layout
+        flat = torch.zeros(lay.padded_total, dtype=self.state_dtype, device=self.device)
+        has, problem = [0.0] * lay.num_layers, None
+        for i, (p, off, n) in enumerate(zip(self._params, lay.offsets, lay.numels)):
+            g = p.grad
+            if g is None:
+                continue
+            if g.is_sparse:
+                problem = problem or f"layer {i} (shape {tuple(p.shape)}) has a sparse gradient; NovoGrad " \
+                                     "does not support sparse gradients"
+            elif g.shape != p.shape:
+                problem = problem or f"layer {i} has a gradient of shape {tuple(g.shape)}, expected " \
+                                     f"{tuple(p.shape)}"
+            else:
+                flat.narrow(0, off, n).copy_(g.reshape(-1))
+                has[i] = 1.0
+        return flat, torch.tensor(has, dtype=self.state_dtype, device=self.device), problem
+
+    def _global_stats(self, shard_grad, has, problem):
+        """Partial statistics of this shard, made global with ONE collective."""
+        L = self.layout.num_layers
+        st = K.partial_stats(shard_grad, self._table, fused=self.fused).to(self.state_dtype)
+        bad = torch.tensor([1.0 if problem else 0.0], dtype=self.state_dtype, device=self.device)
+        if self.norm_type == 2:
+            vec = torch.cat([st[:L], has, st[2 * L:], bad])
+            C.all_reduce_stats(vec, self.process_group)
+            sumsq, stat, count, flags = vec[:L], vec[:L], vec[L:2 * L], vec[2 * L:]
+        else:
+            every = C.all_gather_stats(torch.cat([st, has, bad]), self.process_group)
+            sumsq, stat = every[:, :L].sum(0), every[:, L:2 * L].amax(0)
+            count, flags = every[:, 2 * L + 1:3 * L + 1].sum(0), every[:, [2 * L, 3 * L + 1]].sum(0)
+        return sumsq, stat, count > 0, flags
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable] = None):
+        """Perform a single optimization step. This needs to be called on all ranks.
+
+        Args:
+            closure: a closure that re-evaluates the model and returns the loss (default: None)
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grad_flat, has, problem = self._gather_gradients()
+        shard_grad = C.reduce_gradients(grad_flat, self.layout.shard_size, self.method, self.process_group,
+                                        shard_only=self.zero_stage == 2)
+        sumsq, stat, has_grad, flags = self._global_stats(shard_grad, has, problem)
+        nonfinite, bad, any_grad = torch.cat([flags, has_grad.any().to(flags.dtype).view(1)]).tolist()
+        if bad:
+            raise RuntimeError(f"invalid gradient on rank {self.rank}: {problem}" if problem else
+                               "invalid gradient on another rank (see its error); nothing was changed")
+        if not any_grad:
+            raise RuntimeError("step() called but no parameter has a gradient on any rank: "
+                               "call backward() before step()")
+        if nonfinite:
+            self._skipped += 1
+            self._grad_norm = float("nan")
+            logger.warning("non-finite gradient: step skipped on every rank (%d so far)", self._skipped)
+            self._release_grads()
+            return loss
+        total = torch.sqrt(torch.where(has_grad, sumsq, torch.zeros_like(sumsq)).sum())
+        gscale = 1.0
+        if self.max_grad_norm is not None:
+            gscale = (self.max_grad_norm / (total + 1e-6)).clamp(max=1.0)
+            stat = stat * (gscale * gscale if self.norm_type == 2 else gscale)
+        self._v, self._v_max, self._t, coeffs = F.layer_update(
+            stat, has_grad, self._v, self._v_max, self._t, self._layer_hyper(),
+            norm_type=self.norm_type, gscale=gscale)
+        K.fused_update(shard_grad, self._exp_avg, self._master, self._lowp, self._table, coeffs,
+                       fused=self.fused)
+        C.gather_shards(self._flat, self.layout.shard_size, self.method, self.process_group)
+        self._grad_norm = float(total)
+        self._release_grads()
+        return loss
+
+    def _release_grads(self):
+        if self.zero_stage == 2:
+            for p in self._params:
+                p.grad = None
+
+    # ------------------------------------------------------------------ state
+    def _groups_for_state(self) -> List[Dict]:
+        out, index = [], 0
+        for g in self.param_groups:
+            d = {k: v for k, v in g.items() if k != "params"}
+            d["params"] = list(range(index, index + len(g["params"])))
+            index += len(g["params"])
+            out.append(d)
+        return out
+
+    def _layout_meta(self) -> Dict:
+        return {"world_size": self.world_size, "rank": self.rank, "digest": self._plan_digest.hex(),
+                "shard_size": self.layout.shard_size, "shapes": [list(s) for s in self.layout.shapes]}
+
+    def state_dict(self) -> Dict:
+        """This rank's part of the state, for a restart at the same world size.
+
+        Use :mod:`sharded_novograd.checkpoint` or :meth:`consolidated_state_dict` to
+        change world size.
+        """
+        state = {"exp_avg": self._exp_avg, "exp_avg_sq": self._v, "step": self._t,
+                 "max_exp_avg_sq": self._v_max, "skipped_steps": self._skipped}
+        if self._lowp is not None:
+            state["master_weight"] = self._master
+        return {"state": state, "param_groups": self._groups_for_state(), "layout": self._layout_meta()}
+
+    def load_state_dict(self, state_dict: Dict) -> None:
+        """Load a :meth:`state_dict` saved by the same rank at the same world size."""
+        meta, mine = state_dict.get("layout"), self._layout_meta()
+        if not isinstance(meta, dict):
+            raise ValueError("not a ShardedNovoGrad state dict (no 'layout'); for a NovoGrad state dict "
+                             "use load_consolidated_state_dict()")
+        for k in ("world_size", "rank", "digest"):
+            if meta.get(k) != mine[k]:
+                raise ValueError(f"state dict was saved with {k}={meta.get(k)!r} but this optimizer has "
+                                 f"{k}={mine[k]!r}; use sharded_novograd.checkpoint.load to reshard")
+        st = state_dict["state"]
+        self._check_groups(state_dict["param_groups"])
+        for name, dst in (("exp_avg", self._exp_avg), ("exp_avg_sq", self._v), ("step", self._t),
+                          ("max_exp_avg_sq", self._v_max)):
+            dst.copy_(st[name])
+        if self._lowp is not None:
+            self._master.copy_(st["master_weight"])
+        self._skipped = int(st.get("skipped_steps", 0))
+        self._load_groups(state_dict["param_groups"])
+
+    def _check_groups(self, groups) -> None:
+        if len(groups) != len(self.param_groups):
+            raise ValueError(f"state dict has {len(groups)} param groups, the optimizer has "
+                             f"{len(self.param_groups)}")
+        for i, (a, b) in enumerate(zip(groups, self.param_groups)):
+            if len(a["params"]) != len(b["params"]):
+                raise ValueError(f"param group {i} of the state dict has {len(a['params'])} parameters, "
+                                 f"the optimizer's has {len(b['params'])}")
+
+    def _load_groups(self, groups) -> None:
+        for saved, group in zip(groups, self.param_groups):
+            for k, v in saved.items():
+                if k != "params":
+                    group[k] = tuple(v) if k == "betas" else v
+        self._hyper_key = None
+
+    def consolidated_state_dict(self) -> Dict:
+        """The whole optimizer state in :class:`NovoGrad`'s ``state_dict`` format, on every rank.
+
+        World-size free: :class:`NovoGrad` built on the same parameters loads it, and so
+        does :meth:`load_consolidated_state_dict` at any world size. Master weights of
+        bf16/fp16 models are not part of it (the model's parameters are). This needs to
+        be called on all ranks.
+        """
+        lay, S = self.layout, self.layout.shard_size
+        full = torch.zeros(lay.padded_total, dtype=self.state_dtype, device=self.device)
+        full.narrow(0, self.rank * S, S).copy_(self._exp_avg)
+        C.gather_shards(full, S, self.method, self.process_group)
+        steps, vs, vmaxs = self._t.tolist(), self._v, self._v_max
+        state = {}
+        for i, (p, off, n) in enumerate(zip(self._params, lay.offsets, lay.numels)):
+            if steps[i] == 0:
+                continue
+            st = {"step": torch.tensor(float(steps[i])),
+                  "exp_avg": full.narrow(0, off, n).view(p.shape).clone(),
+                  "exp_avg_sq": vs[i].clone()}
+            if self.param_groups[self._layer_group[i]]["amsgrad"]:
+                st["max_exp_avg_sq"] = vmaxs[i].clone()
+            state[self._param_index[i]] = st
+        return {"state": state, "param_groups": self._groups_for_state()}
+
+    def load_consolidated_state_dict(self, state_dict: Dict) -> None:
+        """Load a :class:`NovoGrad`-format state dict (e.g. from :meth:`consolidated_state_dict`).
+
+        Every rank takes its own fragments. If the state dict does not fit on any rank,
+        every rank raises and nothing changes. This needs to be called on all ranks.
+        """
+        problem = None
+        try:
+            plan = self._plan_consolidated_load(state_dict)
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            problem, plan = f"{type(e).__name__}: {e}", None
+        flag = torch.tensor([1.0 if problem else 0.0], device=self.device)
+        if C.all_reduce_flags(flag, self.process_group).item():
+            raise ValueError(f"cannot load consolidated state dict: {problem}" if problem else
+                             "cannot load consolidated state dict: another rank rejected it (see its error)")
+        exp_avg, v, vmax, t = plan
+        self._exp_avg.copy_(exp_avg)
+        self._v.copy_(v)
+        self._v_max.copy_(vmax)
+        self._t.copy_(t)
+        if self._lowp is not None:
+            self._master.copy_(self._shard)
+        self._load_groups(state_dict["param_groups"])
+
+    def _plan_consolidated_load(self, sd):
+        self._check_groups(sd["param_groups"])
+        saved_ids = [i for g in sd["param_groups"] for i in g["params"]]
+        exp_avg = torch.zeros_like(self._exp_avg)
+        v, vmax, t = torch.zeros_like(self._v), torch.zeros_like(self._v_max), torch.zeros_like(self._t)
+        owned = {}
+        for f in self.layout.fragments[self.rank]:
+            owned.setdefault(f.layer, []).append(f)
+        for i, p in enumerate(self._params):
+            st = sd["state"].get(saved_ids[self._param_index[i]])
+            if not st:
+                continue
+            m = st["exp_avg"]
+            if tuple(m.shape) != tuple(p.shape):
+                raise ValueError(f"exp_avg of layer {i} has shape {tuple(m.shape)}, the parameter has "
+                                 f"{tuple(p.shape)}")
+            flat_m = m.detach().reshape(-1).to(device=self.device, dtype=self.state_dtype)
+            for f in owned.get(i, []):
+                exp_avg.narrow(0, f.offset_in_shard, f.numel).copy_(flat_m.narrow(0, f.offset_in_layer, f.numel))
+            v[i] = float(st["exp_avg_sq"])
+            vmax[i] = float(st.get("max_exp_avg_sq", 0.0))
+            t[i] = float(st["step"])
+        return exp_avg, v, vmax, t

@@ -1,0 +1,385 @@
+"""ShardedNovoGrad against the single-process NovoGrad, on real gloo ranks.
+
+One forked world per world size runs every scenario (process start-up dominates on
+2 cores); each test then checks one scenario's result.
+
+Tolerances. float64 runs differ from the reference only by summation order (the
+all-reduce adds ranks in another order than the reference's mean, the norm adds
+fragments separately): about 1e-16 relative per step, so 1e-10 leaves a wide margin
+after 12 steps. float32 runs see the same effect at 6e-8 per operation; NovoGrad
+divides by the norm, which damps rather than amplifies it, and 2e-5 relative holds
+with room over 12 steps whose gradients sweep six orders of magnitude. bf16
+parameters are the fp32 master weights rounded to nearest: the master must match an
+fp32 reference to fp32 tolerance, and the parameters its rounding to within one bf16
+ulp (2**-8 relative), since a master value within fp32 error of a rounding boundary
+may round either way.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from sharded_novograd import NovoGrad, ShardedNovoGrad
+from sharded_novograd.layout import ShardLayout
+
+from .cases import (SHAPES, averaged_grad, close_ratio, compare_state, make_params, rank_grad,
+                    reference_copy)
+from .distributed import RankError, run_world
+
+STEPS = 12
+TOL = {torch.float64: (1e-10, 1e-12), torch.float32: (2e-5, 1e-6)}
+BF16_ULP = 2.0 ** -8
+
+
+def _split_groups(params):
+    half = len(params) // 2
+    return [{"params": params[:half], "lr": 0.02, "weight_decay": 0.0},
+            {"params": params[half:], "lr": 0.005, "weight_decay": 0.05}]
+
+
+# name: (param dtype, reference dtype, optimizer kwargs, options)
+CASES = {
+    "paper_fp64_zero2": (torch.float64, torch.float64, dict(lr=0.01, weight_decay=0.01), {}),
+    "paper_fp32_zero1": (torch.float32, torch.float32, dict(lr=0.01, weight_decay=0.01, zero_stage=1), {}),
+    "paper_fp32_reduce_scatter": (torch.float32, torch.float32,
+                                  dict(lr=0.01, collective_method="reduce_scatter"), {}),
+    "apex_fp64": (torch.float64, torch.float64, dict(lr=0.01, weight_decay=0.1, reg_inside_moment=False,
+                                                     bias_correction=True, grad_averaging=True), {}),
+    "apex_linf_fp64": (torch.float64, torch.float64, dict(lr=0.01, weight_decay=0.1, norm_type=math.inf,
+                                                          reg_inside_moment=False, bias_correction=True,
+                                                          init_zero=True), {}),
+    "amsgrad_init_zero_fp64": (torch.float64, torch.float64, dict(lr=0.01, amsgrad=True, init_zero=True,
+                                                                  betas=(0.9, 0.5)), {}),
+    "groups_scheduler_fp64": (torch.float64, torch.float64, dict(lr=0.01), {"groups": True, "scheduler": True}),
+    "clip_fp64": (torch.float64, torch.float64, dict(lr=0.01, max_grad_norm=0.5), {}),
+    "nonfinite_skip_fp64": (torch.float64, torch.float64, dict(lr=0.01), {"poison_step": 5}),
+    "frozen_fp64": (torch.float64, torch.float64, dict(lr=0.01), {"frozen": 2}),
+    "bf16": (torch.bfloat16, torch.float32, dict(lr=0.01, weight_decay=0.01), {}),
+}
+WORLD_CASES = {1: list(CASES), 2: list(CASES), 3: list(CASES), 4: list(CASES),
+               8: ["paper_fp64_zero2", "paper_fp32_reduce_scatter", "apex_fp64", "bf16"]}
+
+
+def trajectory(rank, world, name):
+    """Run a scenario on this rank and on a local reference; return error ratios."""
+    dtype, ref_dtype, kwargs, opts = CASES[name]
+    kwargs = dict(kwargs)
+    params = make_params(SHAPES, dtype)
+    if "frozen" in opts:
+        params[opts["frozen"]].requires_grad_(False)
+    frozen_before = params[opts["frozen"]].detach().clone() if "frozen" in opts else None
+    ref_params = reference_copy(params, ref_dtype)
+    groups = _split_groups if opts.get("groups") else (lambda ps: ps)
+    max_norm = kwargs.get("max_grad_norm")
+    opt = ShardedNovoGrad(groups(params), **kwargs)
+    ref_kwargs = {k: v for k, v in kwargs.items() if k not in ("zero_stage", "max_grad_norm", "collective_method")}
+    ref = NovoGrad(groups(ref_params), **ref_kwargs)
+    scheds = []
+    if opts.get("scheduler"):
+        scheds = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: 0.8 ** s) for o in (opt, ref)]
+    grad_norm_err = 0.0
+    for step in range(STEPS):
+        for i, p in enumerate(params):
+            if p.requires_grad:
+                p.grad = rank_grad(rank, step, i, p.shape, dtype)
+        poisoned = step == opts.get("poison_step")
+        if poisoned and rank == world - 1:
+            params[6].grad.view(-1)[5] = float("nan")
+        opt.step()
+        ref_grads = [averaged_grad(world, step, i, p.shape, dtype, ref_dtype) if p.requires_grad else None
+                     for i, p in enumerate(ref_params)]
+        present = [g for g in ref_grads if g is not None]
+        true_norm = float(torch.sqrt(sum(g.double().square().sum() for g in present)))
+        if not poisoned:
+            grad_norm_err = max(grad_norm_err, abs(opt.grad_norm - true_norm) / true_norm)
+            for p, g in zip(ref_params, ref_grads):
+                p.grad = g
+            if max_norm is not None:
+                torch.nn.utils.clip_grad_norm_([p for p in ref_params if p.grad is not None], max_norm)
+            ref.step()
+        for s in scheds:
+            s.step()
+    rtol, atol = TOL[ref_dtype]
+    if dtype == torch.bfloat16:
+        master = opt.state_dict()["state"]["master_weight"]
+        lo, hi = opt.layout.shard_range(rank)
+        ref_flat = torch.cat([p.detach().reshape(-1) for p in ref_params])
+        ref_shard = torch.nn.functional.pad(ref_flat, (0, opt.layout.padded_total - ref_flat.numel()))[lo:hi]
+        master_err = close_ratio(master, ref_shard, rtol, atol)
+        param_err = max(close_ratio(p, q, BF16_ULP, 1e-6) for p, q in zip(params, ref_params))
+    else:
+        master_err = 0.0
+        param_err = max(close_ratio(p, q, rtol, atol) for p, q in zip(params, ref_params))
+    state_err = compare_state(opt.consolidated_state_dict(), ref.state_dict(), rtol, atol)
+    return {"param_err": param_err, "master_err": master_err, "state_err": state_err,
+            "grad_norm_err": grad_norm_err, "skipped": opt.skipped_steps,
+            "frozen_unchanged": frozen_before is None or torch.equal(frozen_before, params[opts["frozen"]]),
+            "frozen_grad": frozen_before is None or params[opts["frozen"]].grad is None}
+
+
+def roundtrip(rank, world):
+    """Sharded -> NovoGrad -> sharded: the three continuations must agree."""
+    params = make_params(SHAPES, torch.float64)
+    opt = ShardedNovoGrad(params, lr=0.01, weight_decay=0.01)
+
+    def feed(ps, step, averaged):
+        for i, p in enumerate(ps):
+            p.grad = (averaged_grad(world, step, i, p.shape, torch.float64, torch.float64) if averaged
+                      else rank_grad(rank, step, i, p.shape, torch.float64))
+
+    for step in range(5):
+        feed(params, step, False)
+        opt.step()
+    sd = opt.consolidated_state_dict()
+    ref_params = reference_copy(params, torch.float64)
+    ref = NovoGrad(ref_params, lr=0.01, weight_decay=0.01)
+    ref.load_state_dict(sd)
+    # Back again: a fresh sharded optimizer resumes from the reference's state dict.
+    params2 = reference_copy(params, torch.float64)
+    opt2 = ShardedNovoGrad(params2, lr=0.01, weight_decay=0.01)
+    opt2.load_consolidated_state_dict(ref.state_dict())
+    for step in range(5, 10):
+        feed(params, step, False)
+        opt.step()
+        feed(params2, step, False)
+        opt2.step()
+        feed(ref_params, step, True)
+        ref.step()
+    rtol, atol = TOL[torch.float64]
+    return {"ref_vs_sharded": max(close_ratio(p, q, rtol, atol) for p, q in zip(params, ref_params)),
+            "reloaded_vs_sharded": max(close_ratio(p, q, 0, 0) if not torch.equal(p, q) else 0.0
+                                       for p, q in zip(params, params2)),
+            "state": compare_state(opt2.consolidated_state_dict(), ref.state_dict(), rtol, atol)}
+
+
+def same_world_state_dict(rank, world):
+    """state_dict()/load_state_dict() at the same world size continues bit for bit."""
+    params = make_params(SHAPES, torch.bfloat16)
+    opt = ShardedNovoGrad(params, lr=0.01)
+    for step in range(4):
+        for i, p in enumerate(params):
+            p.grad = rank_grad(rank, step, i, p.shape, torch.bfloat16)
+        opt.step()
+    saved_params = [p.detach().clone() for p in params]
+    saved = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in opt.state_dict()["state"].items()}
+    sd = opt.state_dict()
+    sd = {"state": saved, "param_groups": sd["param_groups"], "layout": sd["layout"]}
+    params2 = [torch.nn.Parameter(p.clone()) for p in saved_params]
+    opt2 = ShardedNovoGrad(params2, lr=0.5)
+    opt2.load_state_dict(sd)
+    for step in range(4, 8):
+        for ps in (params, params2):
+            for i, p in enumerate(ps):
+                p.grad = rank_grad(rank, step, i, p.shape, torch.bfloat16)
+        opt.step()
+        opt2.step()
+    return {"equal": all(torch.equal(p, q) for p, q in zip(params, params2)),
+            "lr_restored": opt2.param_groups[0]["lr"] == 0.01}
+
+
+def real_model(rank, world):
+    """A real forward/backward on different data per rank equals the averaged reference."""
+    def build():
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(13, 7), torch.nn.LayerNorm(7), torch.nn.Tanh(),
+                                  torch.nn.Linear(7, 3))
+        net.scale = torch.nn.Parameter(torch.tensor(1.5))  # 0-dim layer
+        return net.double()
+
+    def batch(r, step):
+        g = torch.Generator().manual_seed(100 * step + r)
+        return torch.randn(9, 13, generator=g, dtype=torch.float64), torch.randn(9, 3, generator=g,
+                                                                                  dtype=torch.float64)
+
+    def loss(net, x, y):
+        return ((net(x) * net.scale - y) ** 2).mean()
+
+    net, ref_net = build(), build()
+    opt = ShardedNovoGrad(net.parameters(), lr=0.01, weight_decay=0.001)
+    ref = NovoGrad(ref_net.parameters(), lr=0.01, weight_decay=0.001)
+    for step in range(10):
+        loss(net, *batch(rank, step)).backward()
+        opt.step()
+        opt.zero_grad()
+        for r in range(world):  # the mean of the ranks' losses has the averaged gradient
+            (loss(ref_net, *batch(r, step)) / world).backward()
+        ref.step()
+        ref.zero_grad()
+    rtol, atol = TOL[torch.float64]
+    return max(close_ratio(p, q, rtol, atol) for p, q in zip(net.parameters(), ref_net.parameters()))
+
+
+def count_collectives(rank, world):
+    """Record every collective of one warm step, for two models of 8 and 64 layers."""
+    names = ["all_reduce", "broadcast", "all_gather_into_tensor", "all_gather_single",
+             "reduce_scatter_tensor", "reduce_scatter_single", "all_gather", "reduce", "all_to_all_single"]
+    calls = []
+    originals = {n: getattr(dist, n) for n in names if hasattr(dist, n)}
+
+    def wrap(n, fn):
+        def inner(*a, **k):
+            t = a[0] if a else next(iter(k.values()))
+            calls.append((n, t.numel() if torch.is_tensor(t) else -1))
+            return fn(*a, **k)
+        return inner
+
+    out = {}
+    try:
+        for n, fn in originals.items():
+            setattr(dist, n, wrap(n, fn))
+        for shapes in (SHAPES, [(5,)] * 64):
+            for method in ("reduce_scatter", "all_reduce"):
+                params = make_params(shapes, torch.float32)
+                opt = ShardedNovoGrad(params, lr=0.01, collective_method=method)
+                for step in range(2):
+                    for i, p in enumerate(params):
+                        p.grad = torch.ones_like(p)
+                    calls.clear()
+                    opt.step()
+                out[(len(shapes), method)] = (list(calls), opt.layout.padded_total)
+    finally:
+        for n, fn in originals.items():
+            setattr(dist, n, fn)
+    return out
+
+
+def layout_mismatch(rank, world):
+    """Ranks that build different layouts all raise a RuntimeError naming the difference."""
+    shapes = list(SHAPES)
+    if rank == world - 1:
+        shapes[4] = (3, 3, 4)
+    try:
+        ShardedNovoGrad(make_params(shapes, torch.float32))
+    except RuntimeError as e:
+        return str(e)
+    return None
+
+
+def run_all(rank, world):
+    out = {name: trajectory(rank, world, name) for name in WORLD_CASES[world]}
+    if world in (2, 3, 4):
+        out["roundtrip"] = roundtrip(rank, world)
+        out["state_dict"] = same_world_state_dict(rank, world)
+        out["real_model"] = real_model(rank, world)
+        out["collectives"] = count_collectives(rank, world)
+    if world in (2, 3):
+        out["mismatch"] = layout_mismatch(rank, world)
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _world(world):
+    try:
+        return run_world(run_all, world, timeout=300), None
+    except RankError as e:
+        return None, e
+
+
+def world_results(world):
+    results, error = _world(world)
+    if error is not None:
+        raise error
+    return results
+
+
+@pytest.mark.parametrize("world,case", [(w, c) for w, cs in WORLD_CASES.items() for c in cs])
+def test_matches_reference(world, case):
+    """Check that parameters and consolidated state equal the reference after 12 steps."""
+    for rank, res in enumerate(world_results(world)):
+        r = res[case]
+        assert r["param_err"] <= 1.0, (rank, r)
+        assert r["master_err"] <= 1.0, (rank, r)
+        assert r["state_err"] <= 1.0, (rank, r)
+        assert r["grad_norm_err"] < 1e-5, (rank, r)
+        assert r["frozen_unchanged"] and r["frozen_grad"], (rank, r)
+        assert r["skipped"] == (1 if case == "nonfinite_skip_fp64" else 0), (rank, r)
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_consolidated_roundtrip(world):
+    """Check that sharded -> NovoGrad -> sharded continues the same trajectory."""
+    for r in world_results(world):
+        assert r["roundtrip"]["ref_vs_sharded"] <= 1.0, r["roundtrip"]
+        assert r["roundtrip"]["reloaded_vs_sharded"] == 0.0, r["roundtrip"]
+        assert r["roundtrip"]["state"] <= 1.0, r["roundtrip"]
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_state_dict_same_world(world):
+    """Check that state_dict()/load_state_dict() resumes bit for bit, master weights included."""
+    for r in world_results(world):
+        assert r["state_dict"] == {"equal": True, "lr_restored": True}
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_real_model(world):
+    """Check a real backward with different data per rank against the averaged reference."""
+    for r in world_results(world):
+        assert r["real_model"] <= 1.0
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_one_small_all_reduce_per_step(world):
+    """Check that a step issues exactly one all-reduce of O(L) floats beyond the gradient
+    and parameter traffic, whatever the number of layers L."""
+    res = world_results(world)[0]["collectives"]
+    for (layers, method), (calls, padded) in res.items():
+        small = [c for c in calls if c[0] == "all_reduce" and c[1] < padded]
+        assert small == [("all_reduce", 2 * layers + 2)], (layers, method, calls)
+        kinds = sorted({c[0] for c in calls})
+        if method == "reduce_scatter":
+            assert len(calls) == 3 and kinds == sorted(["all_reduce", calls[0][0], calls[2][0]]), calls
+            assert "reduce_scatter" in calls[0][0] and "all_gather" in calls[2][0], calls
+        else:
+            assert [c for c in calls if c[0] == "all_reduce" and c[1] == padded] == [("all_reduce", padded)]
+            assert [c[0] for c in calls if c[0] != "all_reduce"] == ["broadcast"] * world, calls
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_layout_mismatch_raises_everywhere(world):
+    """Check that ranks built from different parameters raise instead of hanging."""
+    for r in world_results(world):
+        assert r["mismatch"] is not None and "layer 4: shape=(3, 3, 3)" in r["mismatch"], r["mismatch"]
+        assert "(3, 3, 4)" in r["mismatch"]
+
+
+def test_fragment_norms_are_wrong():
+    """Check why this project exists: a layer-wise optimizer handed each rank's fragments
+    as separate tensors (what ZeRO engines do) computes per-fragment norms and diverges
+    from NovoGrad, while the exact per-layer norm does not."""
+    world = 4
+    layout = ShardLayout(tuple(SHAPES), world)
+    straddling = {l for l in range(len(SHAPES)) if len(layout.owners(l)) > 1}
+    assert straddling, "the test layout must split some layer across ranks"
+    params = make_params(SHAPES, torch.float64)
+    ref_params = reference_copy(params, torch.float64)
+    ref = NovoGrad(ref_params, lr=0.01)
+    # One tensor per fragment, as a ZeRO partition presents them to the optimizer.
+    frag_params = [torch.nn.Parameter(params[f.layer].detach().reshape(-1)[f.offset_in_layer:
+                                                                          f.offset_in_layer + f.numel].clone())
+                   for r in range(world) for f in layout.fragments[r]]
+    frag_index = [(f.layer, f.offset_in_layer, f.numel) for r in range(world) for f in layout.fragments[r]]
+    naive = NovoGrad(frag_params, lr=0.01)
+    for step in range(5):
+        grads = [torch.randn(s, generator=torch.Generator().manual_seed(step * 31 + i), dtype=torch.float64)
+                 for i, s in enumerate(SHAPES)]
+        for p, g in zip(ref_params, grads):
+            p.grad = g
+        for p, (layer, off, n) in zip(frag_params, frag_index):
+            p.grad = grads[layer].reshape(-1)[off:off + n].clone()
+        ref.step()
+        naive.step()
+    rebuilt = [torch.zeros(s, dtype=torch.float64).reshape(-1) for s in SHAPES]
+    for p, (layer, off, n) in zip(frag_params, frag_index):
+        rebuilt[layer][off:off + n] = p.detach()
+    for layer in range(len(SHAPES)):
+        err = close_ratio(rebuilt[layer], ref_params[layer].reshape(-1), 1e-10, 1e-12)
+        if layer in straddling:
+            assert err > 1e3, f"layer {layer} split across ranks should diverge, ratio {err}"
+        else:
+            assert err <= 1.0, f"layer {layer} is whole on one rank and should match, ratio {err}"
