@@ -4,13 +4,14 @@ Functions take a process group and never create one nor read the environment. Al
 tensors handed to a collective are 1-D and contiguous: gloo ignores strides and
 silently returns wrong results for anything else.
 
-The gradient reduction and parameter gather come in two methods, chosen per
-backend (measured, see docs/design.md):
+The ZeRO-2 gradient reduction and the parameter gather come in two methods, chosen
+per backend (measured, see docs/design.md):
 
-- ``"reduce_scatter"``: reduce-scatter of gradients and all-gather of parameters, the
+- ``"reduce_scatter"``: each shard-aligned gradient bucket is reduced to its owner
+  only (together, one reduce-scatter), and parameters are all-gathered: the
   bandwidth-optimal pair on NCCL.
-- ``"all_reduce"``: all-reduce of gradients keeping the local slice, and one broadcast
-  per owner for parameters: the fastest pair on gloo, whose reduce-scatter and
+- ``"all_reduce"``: each bucket is all-reduced and its owner keeps it, and parameters
+  are broadcast once per owner: the fastest pair on gloo, whose reduce-scatter and
   all-gather are not bandwidth-optimal.
 """
 
@@ -23,7 +24,8 @@ import torch.distributed as dist
 
 __all__ = [
     "METHODS", "pick_method", "group_rank", "group_size", "check_same_plan", "broadcast_flat",
-    "reduce_gradients", "gather_shards", "all_reduce_stats", "all_gather_stats", "all_reduce_flags",
+    "all_reduce_mean", "gather_shards", "all_reduce_stats", "all_gather_stats", "all_reduce_flags",
+    "start_bucket_reduce",
 ]
 
 METHODS = ("auto", "reduce_scatter", "all_reduce")
@@ -39,11 +41,6 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
 def _gather_into(output: torch.Tensor, input: torch.Tensor, group) -> None:
     fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
     fn(_flat(output), _flat(input), group=group)
-
-
-def _reduce_scatter(output: torch.Tensor, input: torch.Tensor, group) -> None:
-    fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-    fn(_flat(output), _flat(input), op=dist.ReduceOp.SUM, group=group)
 
 
 def group_rank(group) -> int:
@@ -96,24 +93,10 @@ def broadcast_flat(flat: torch.Tensor, group, src: int = 0) -> None:
     dist.broadcast(_flat(flat), src=dist.get_global_rank(group, src), group=group)
 
 
-def reduce_gradients(flat: torch.Tensor, shard_size: int, method: str, group,
-                     shard_only: bool = True) -> torch.Tensor:
-    """Average ``flat`` (the padded flat gradient) over the group.
-
-    Returns this rank's shard of the mean. With ``shard_only=False`` (ZeRO-1) the whole
-    of ``flat`` holds the mean afterwards and the shard returned is a view of it. This
-    needs to be called on all ranks.
-    """
-    n, r = group_size(group), group_rank(group)
-    _flat(flat)
-    if shard_only and method == "reduce_scatter":
-        out = torch.empty(shard_size, dtype=flat.dtype, device=flat.device)
-        _reduce_scatter(out, flat, group)
-        return out.div_(n)
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
-    if shard_only:
-        return flat.narrow(0, r * shard_size, shard_size).div_(n)
-    return flat.div_(n).narrow(0, r * shard_size, shard_size)
+def all_reduce_mean(flat: torch.Tensor, group) -> torch.Tensor:
+    """Average ``flat`` over the group in place (ZeRO-1 gradients). This needs to be called on all ranks."""
+    dist.all_reduce(_flat(flat), op=dist.ReduceOp.SUM, group=group)
+    return flat.div_(group_size(group))
 
 
 def gather_shards(flat: torch.Tensor, shard_size: int, method: str, group) -> None:
@@ -157,3 +140,53 @@ def all_reduce_flags(flags: torch.Tensor, group) -> torch.Tensor:
     """Sum small per-rank flags so that every rank takes the same decision."""
     dist.all_reduce(_flat(flags), op=dist.ReduceOp.SUM, group=group)
     return flags
+
+
+def start_bucket_reduce(bucket: torch.Tensor, owner: int, method: str, group):
+    """Start summing a gradient bucket owned by group rank ``owner``; returns the work handle.
+
+    ``"reduce_scatter"`` reduces to the owner only (with shard-aligned buckets, the
+    buckets of one step together form a reduce-scatter); ``"all_reduce"`` sums on every
+    rank, which gloo does faster. Only the owner may read the result. This needs to be
+    called on all ranks, in the same bucket order.
+    """
+    if method == "reduce_scatter":
+        return dist.reduce(_flat(bucket), dst=dist.get_global_rank(group, owner), op=dist.ReduceOp.SUM,
+                           group=group, async_op=True)
+    return dist.all_reduce(_flat(bucket), op=dist.ReduceOp.SUM, group=group, async_op=True)
+
+
+def all_gather_text(text: str, group, device) -> List[str]:
+    """Every rank's ``text``, in group rank order, on every rank (two collectives).
+
+    Used to exchange small metadata (file checksums, error messages) without pickling.
+    This needs to be called on all ranks.
+    """
+    n = group_size(group)
+    data = text.encode("utf-8")
+    lengths = torch.empty(n, dtype=torch.int64, device=device)
+    _gather_into(lengths, torch.tensor([len(data)], dtype=torch.int64, device=device), group)
+    width = max(1, int(lengths.max()))
+    mine = torch.zeros(width, dtype=torch.uint8)
+    if data:
+        mine[:len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    every = torch.empty(n * width, dtype=torch.uint8, device=device)
+    _gather_into(every, mine.to(device), group)
+    rows = every.view(n, width).cpu()
+    return [bytes(rows[r, :int(lengths[r])].tolist()).decode("utf-8") for r in range(n)]
+
+
+def agree(problem: Optional[str], group, device) -> List[tuple]:
+    """Every rank's problem as ``[(rank, message), ...]``, identical on every rank.
+
+    One all-reduce of a flag when no rank has a problem; the messages are gathered
+    only when some rank has one. A rank that fails a local check must still call
+    this, so that every rank raises together instead of the others waiting in the
+    next collective. This needs to be called on all ranks.
+    """
+    flag = torch.tensor([0.0 if problem is None else 1.0], device=device)
+    if not all_reduce_flags(flag, group).item():
+        return []
+    texts = all_gather_text("" if problem is None else problem or "unknown problem", group, device)
+    return [(r, t) for r, t in enumerate(texts) if t]
+__all__ += ["all_gather_text", "agree"]

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import logging
 import math
+import weakref
 from typing import Callable, Dict, Iterable, List, Optional
 
 import torch
@@ -19,6 +22,109 @@ __all__ = ["ShardedNovoGrad"]
 logger = logging.getLogger(__name__)
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
+DEFAULT_BUCKET_SIZE = 1 << 22  # elements: 16 MiB of fp32 gradient per bucket
+_OWNER = "_sharded_novograd_owner"
+
+
+def _hook(owner, layer, p):
+    # A weak reference, so a dropped optimizer's hooks neither keep it alive nor act.
+    opt = owner()
+    if opt is not None:
+        opt._on_grad(layer, p)
+
+
+class _GradientBuckets:
+    """ZeRO-2 gradient reduction, overlapped with backward.
+
+    Each rank's shard is cut into buckets of at most ``bucket_size`` elements, so a
+    bucket has exactly one owner. A post-accumulate-grad hook copies each layer's
+    gradient into the buckets it overlaps and frees ``.grad``; a bucket whose layers
+    have all arrived is reduced asynchronously to its owner. Buckets are sent in one
+    fixed order (descending flat offset, the order backward produces gradients), so
+    every rank issues the same collectives in the same order even when their graphs
+    use different parameters; buckets still incomplete at ``step()`` are sent then.
+    At most ``max_in_flight`` buckets are alive at once: peak gradient memory is about
+    ``max_in_flight * bucket_size`` plus the shard.
+    """
+
+    def __init__(self, layout: ShardLayout, rank: int, bucket_size: int, dtype, device, method: str, group,
+                 max_in_flight: int = 2):
+        S = layout.shard_size
+        self.layout, self.rank, self.dtype, self.device = layout, rank, dtype, device
+        self.method, self.group, self.max_in_flight = method, group, max_in_flight
+        self.ranges = [(r * S + lo, min(bucket_size, S - lo), r)  # (flat start, length, owner)
+                       for r in range(layout.world_size) for lo in range(0, S, bucket_size)]
+        # For each layer: (bucket, offset in layer, offset in bucket, numel).
+        self.pieces: List[List[tuple]] = [[] for _ in range(layout.num_layers)]
+        self.members: List[int] = [0] * len(self.ranges)
+        for b, (start, n, _) in enumerate(self.ranges):
+            for layer, (off, numel) in enumerate(zip(layout.offsets, layout.numels)):
+                lo, hi = max(off, start), min(off + numel, start + n)
+                if lo < hi:
+                    self.pieces[layer].append((b, lo - off, lo - start, hi - lo))
+                    self.members[b] += 1
+        self.reset()
+
+    def reset(self) -> None:
+        self.peak_elements = 0  # most gradient elements buffered at once, this step
+        self.buffers: Dict[int, torch.Tensor] = {}
+        self.pending = list(self.members)
+        self.arrived = [False] * self.layout.num_layers
+        self.next_to_send = len(self.ranges) - 1
+        self.in_flight: List[tuple] = []
+        self.shard_grad: Optional[torch.Tensor] = None
+
+    def _buffer(self, b: int) -> torch.Tensor:
+        if b not in self.buffers:
+            self.buffers[b] = torch.zeros(self.ranges[b][1], dtype=self.dtype, device=self.device)
+            self.peak_elements = max(self.peak_elements, sum(t.numel() for t in self.buffers.values()))
+        return self.buffers[b]
+
+    def add(self, layer: int, grad: torch.Tensor) -> None:
+        """Take ``layer``'s gradient; send every bucket that is now next and complete."""
+        if self.arrived[layer]:
+            raise RuntimeError(f"layer {layer} received a second gradient before step(): with zero_stage=2, "
+                               "accumulate micro-batches inside `with optimizer.no_sync():` for all but the "
+                               "last backward")
+        flat = grad.detach().reshape(-1)
+        self.arrived[layer] = True
+        # Highest bucket first, sending as we go: a layer larger than a bucket never
+        # has all of its buckets alive at once.
+        for b, off, boff, n in reversed(self.pieces[layer]):
+            self._buffer(b).narrow(0, boff, n).copy_(flat.narrow(0, off, n))
+            self.pending[b] -= 1
+            while self.next_to_send >= 0 and self.pending[self.next_to_send] == 0:
+                self._send(self.next_to_send)
+
+    def _send(self, b: int) -> None:
+        owner = self.ranges[b][2]
+        work = C.start_bucket_reduce(self._buffer(b), owner, self.method, self.group)
+        self.in_flight.append((b, work))
+        self.next_to_send = b - 1
+        while len(self.in_flight) > self.max_in_flight:
+            self._drain()
+
+    def _drain(self) -> None:
+        b, work = self.in_flight.pop(0)
+        work.wait()
+        buf = self.buffers.pop(b)
+        start, n, owner = self.ranges[b]
+        if owner == self.rank:
+            if self.shard_grad is None:
+                self.shard_grad = torch.zeros(self.layout.shard_size, dtype=self.dtype, device=self.device)
+            lo = start - self.rank * self.layout.shard_size
+            self.shard_grad.narrow(0, lo, n).copy_(buf)
+
+    def finish(self) -> torch.Tensor:
+        """Send what is left, wait for everything; return this rank's summed gradient shard."""
+        while self.next_to_send >= 0:
+            self._send(self.next_to_send)
+        while self.in_flight:
+            self._drain()
+        shard = self.shard_grad
+        if shard is None:
+            shard = torch.zeros(self.layout.shard_size, dtype=self.dtype, device=self.device)
+        return shard
 
 
 class ShardedNovoGrad(torch.optim.Optimizer):
@@ -35,8 +141,10 @@ class ShardedNovoGrad(torch.optim.Optimizer):
     buffer and keeps ``exp_avg`` (and, for bf16/fp16 parameters, fp32 master weights)
     for that range only. Each :meth:`step`:
 
-    1. averages gradients over the group (ZeRO-2: into this rank's shard only, then
-       frees every ``.grad``; ZeRO-1: all of them, keeping ``.grad``),
+    1. averages gradients over the group. ZeRO-2: during backward, a hook copies each
+       gradient into shard-aligned buckets and frees ``.grad``; each complete bucket
+       is reduced asynchronously to its owner (see :meth:`no_sync` for accumulation).
+       ZeRO-1: all gradients are all-reduced at ``step()`` and ``.grad`` is kept.
     2. computes per-layer partial statistics of the shard and all-reduces them in ONE
        collective, which also decides clipping and overflow for every rank at once,
     3. updates the replicated per-layer second moments and, with a fused kernel, the
@@ -60,6 +168,7 @@ class ShardedNovoGrad(torch.optim.Optimizer):
             :mod:`sharded_novograd.collectives` (default: "auto")
         align: the flat buffer is padded to a multiple of ``world_size * align``
             elements (default: 64)
+        bucket_size: ZeRO-2 gradient bucket size in elements (default: 2**22)
     """
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas=(0.95, 0.98), eps: float = 1e-8,
@@ -67,7 +176,8 @@ class ShardedNovoGrad(torch.optim.Optimizer):
                  reg_inside_moment: bool = True, bias_correction: bool = False, init_zero: bool = False,
                  norm_type: float = 2, process_group=None, zero_stage: int = 2,
                  max_grad_norm: Optional[float] = None, fused: Optional[bool] = None,
-                 collective_method: str = "auto", align: int = DEFAULT_ALIGN):
+                 collective_method: str = "auto", align: int = DEFAULT_ALIGN,
+                 bucket_size: int = DEFAULT_BUCKET_SIZE):
         defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
                         weight_decay=weight_decay, grad_averaging=grad_averaging, amsgrad=amsgrad,
                         reg_inside_moment=reg_inside_moment, bias_correction=bias_correction,
@@ -77,6 +187,8 @@ class ShardedNovoGrad(torch.optim.Optimizer):
             raise ValueError(f"Invalid zero_stage: {zero_stage!r} (expected 1 or 2)")
         if max_grad_norm is not None and (isinstance(max_grad_norm, bool) or not max_grad_norm > 0):
             raise ValueError(f"Invalid max_grad_norm: {max_grad_norm!r} (expected None or a float > 0)")
+        if isinstance(bucket_size, bool) or not isinstance(bucket_size, int) or bucket_size < 1:
+            raise ValueError(f"Invalid bucket_size: {bucket_size!r} (expected an int >= 1, in elements)")
         if fused not in (None, True, False):
             raise ValueError(f"Invalid fused: {fused!r} (expected None, True or False)")
         if not torch.distributed.is_available() or not torch.distributed.is_initialized():
@@ -98,6 +210,15 @@ class ShardedNovoGrad(torch.optim.Optimizer):
         if self.rank < 0:
             raise RuntimeError("this process is not a member of the process_group passed to ShardedNovoGrad")
         self._build(align)
+        self._sync = True
+        self._buckets = None
+        if zero_stage == 2:
+            self._buckets = _GradientBuckets(self.layout, self.rank, bucket_size, self.state_dtype, self.device,
+                                             self.method, self.process_group)
+            owner = weakref.ref(self)
+            for i, p in enumerate(self._params):
+                setattr(p, _OWNER, owner)
+                p.register_post_accumulate_grad_hook(functools.partial(_hook, owner, i))
         self._skipped = 0
         self._grad_norm = float("nan")
 
@@ -200,24 +321,85 @@ class ShardedNovoGrad(torch.optim.Optimizer):
             tensors.append(self._master)
         return sum(t.numel() * t.element_size() for t in tensors)
 
-    def _gather_gradients(self):
-        lay = self.layout
-        flat = torch.zeros(lay.padded_total, dtype=self.state_dtype, device=self.device)
-        has, problem = [0.0] * lay.num_layers, None
-        for i, (p, off, n) in enumerate(zip(self._params, lay.offsets, lay.numels)):
-            g = p.grad
-            if g is None:
-                continue
-            if g.is_sparse:
-                problem = problem or f"layer {i} (shape {tuple(p.shape)}) has a sparse gradient; NovoGrad " \
-                                     "does not support sparse gradients"
-            elif g.shape != p.shape:
-                problem = problem or f"layer {i} has a gradient of shape {tuple(g.shape)}, expected " \
-                                     f"{tuple(p.shape)}"
-            else:
-                flat.narrow(0, off, n).copy_(g.reshape(-1))
-                has[i] = 1.0
-        return flat, torch.tensor(has, dtype=self.state_dtype, device=self.device), problem
+    def _on_grad(self, layer: int, p: torch.Tensor) -> None:
+        """Post-accumulate-grad hook (ZeRO-2): hand the gradient to its buckets, free it."""
+        g = p.grad
+        if getattr(p, _OWNER, lambda: None)() is not self:
+            return  # a newer ShardedNovoGrad took over this parameter
+        if not self._sync or g is None or self._buckets.arrived[layer] or self._grad_problem(layer, p):
+            return  # step() takes it from .grad, or reports the problem on every rank
+        self._buckets.add(layer, g)
+        p.grad = None
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        """Accumulate gradients locally: inside this context, backward leaves them in ``.grad``.
+
+        Wrap all micro-batches but the last; the last backward (outside the context)
+        reduces the accumulated sum, so k micro-batches equal one large batch.
+        """
+        previous, self._sync = self._sync, False
+        try:
+            yield
+        finally:
+            self._sync = previous
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear gradients, including those ZeRO-2 already took from ``.grad`` during backward.
+
+        If a backward already sent buckets, this completes their collectives, so call it
+        on all ranks at the same point (as a training loop does).
+        """
+        super().zero_grad(set_to_none)
+        if self._buckets is not None and any(self._buckets.arrived):
+            self._buckets.finish()
+            self._buckets.reset()
+
+    @staticmethod
+    def _grad_problem(layer: int, p: torch.Tensor) -> Optional[str]:
+        g = p.grad
+        if g.is_sparse:
+            return f"layer {layer} (shape {tuple(p.shape)}) has a sparse gradient; NovoGrad does not support " \
+                   "sparse gradients"
+        if g.shape != p.shape:
+            return f"layer {layer} has a gradient of shape {tuple(g.shape)}, expected {tuple(p.shape)}"
+        return None
+
+    def _reduce_gradients(self):
+        """This rank's shard of the rank-averaged gradient, the local has-gradient flags
+        per layer, and the first local problem found (or None)."""
+        lay, n = self.layout, self.world_size
+        problem = None
+        if self._buckets is None:  # ZeRO-1: all-reduce everything, keep .grad
+            flat = torch.zeros(lay.padded_total, dtype=self.state_dtype, device=self.device)
+            has = [0.0] * lay.num_layers
+            for i, (p, off, numel) in enumerate(zip(self._params, lay.offsets, lay.numels)):
+                if p.grad is None:
+                    continue
+                bad = self._grad_problem(i, p)
+                problem = problem or bad
+                if bad is None:
+                    flat.narrow(0, off, numel).copy_(p.grad.reshape(-1))
+                    has[i] = 1.0
+            C.all_reduce_mean(flat, self.process_group)
+            shard = flat.narrow(0, self.rank * lay.shard_size, lay.shard_size)
+        else:  # ZeRO-2: most gradients already left during backward
+            bk = self._buckets
+            for i, p in enumerate(self._params):
+                if p.grad is None:
+                    continue
+                if bk.arrived[i]:
+                    problem = problem or (f"layer {i} received a second gradient before step(): with "
+                                          "zero_stage=2, accumulate micro-batches inside `with "
+                                          "optimizer.no_sync():` for all but the last backward")
+                    continue
+                bad = self._grad_problem(i, p)
+                problem = problem or bad
+                if bad is None:
+                    bk.add(i, p.grad)
+            has = [1.0 if a else 0.0 for a in bk.arrived]
+            shard = bk.finish().div_(n)
+        return shard, torch.tensor(has, dtype=self.state_dtype, device=self.device), problem
 
     def _global_stats(self, shard_grad, has, problem):
         """Partial statistics of this shard, made global with ONE collective."""
@@ -245,23 +427,31 @@ class ShardedNovoGrad(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        grad_flat, has, problem = self._gather_gradients()
-        shard_grad = C.reduce_gradients(grad_flat, self.layout.shard_size, self.method, self.process_group,
-                                        shard_only=self.zero_stage == 2)
+        try:
+            shard_grad, has, problem = self._reduce_gradients()
+            self._update(shard_grad, has, problem)
+        finally:
+            if self._buckets is not None:
+                self._buckets.reset()
+                for p in self._params:
+                    p.grad = None
+        return loss
+
+    def _update(self, shard_grad, has, problem) -> None:
         sumsq, stat, has_grad, flags = self._global_stats(shard_grad, has, problem)
         nonfinite, bad, any_grad = torch.cat([flags, has_grad.any().to(flags.dtype).view(1)]).tolist()
         if bad:
-            raise RuntimeError(f"invalid gradient on rank {self.rank}: {problem}" if problem else
-                               "invalid gradient on another rank (see its error); nothing was changed")
+            raise RuntimeError(f"invalid gradient on rank {self.rank}: {problem}; nothing was changed" if problem
+                               else "invalid gradient on another rank (see its error); nothing was changed")
         if not any_grad:
             raise RuntimeError("step() called but no parameter has a gradient on any rank: "
                                "call backward() before step()")
         if nonfinite:
             self._skipped += 1
             self._grad_norm = float("nan")
-            logger.warning("non-finite gradient: step skipped on every rank (%d so far)", self._skipped)
-            self._release_grads()
-            return loss
+            if self.rank == 0:
+                logger.warning("non-finite gradient: step skipped on every rank (%d so far)", self._skipped)
+            return
         total = torch.sqrt(torch.where(has_grad, sumsq, torch.zeros_like(sumsq)).sum())
         gscale = 1.0
         if self.max_grad_norm is not None:
@@ -274,13 +464,6 @@ class ShardedNovoGrad(torch.optim.Optimizer):
                        fused=self.fused)
         C.gather_shards(self._flat, self.layout.shard_size, self.method, self.process_group)
         self._grad_norm = float(total)
-        self._release_grads()
-        return loss
-
-    def _release_grads(self):
-        if self.zero_stage == 2:
-            for p in self._params:
-                p.grad = None
 
     # ------------------------------------------------------------------ state
     def _groups_for_state(self) -> List[Dict]:
