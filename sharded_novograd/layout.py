@@ -140,16 +140,18 @@ class FragmentTable:
 
     def __init__(self, layers: Sequence[int], offsets: Sequence[int], numels: Sequence[int],
                  shard_size: int, num_layers: int):
-        self.layers = [int(x) for x in layers]
-        self.offsets = [int(x) for x in offsets]
-        self.numels = [int(x) for x in numels]
         self.shard_size = int(shard_size)
         self.num_layers = int(num_layers)
-        for layer, off, n in zip(self.layers, self.offsets, self.numels):
+        rows = [(int(a), int(b), int(c)) for a, b, c in zip(layers, offsets, numels)]
+        for layer, off, n in rows:
             if not 0 <= layer < self.num_layers:
                 raise ValueError(f"fragment layer {layer} not in [0, {self.num_layers})")
             if n < 0 or off < 0 or off + n > self.shard_size:
                 raise ValueError(f"fragment [{off}, {off + n}) outside shard of size {self.shard_size}")
+        rows = [r for r in rows if r[2] > 0]  # empty fragments hold nothing to read or write
+        self.layers = [r[0] for r in rows]
+        self.offsets = [r[1] for r in rows]
+        self.numels = [r[2] for r in rows]
         self._tensors: Dict[Tuple[str, torch.device, int], torch.Tensor] = {}
 
     @classmethod

@@ -49,7 +49,7 @@ def use_triton(tensor: torch.Tensor, fused: Optional[bool]) -> bool:
         return False
     runnable = TRITON_AVAILABLE and (tensor.is_cuda or (_interpreting() and tensor.device.type == "cpu"))
     if fused is None:
-        return bool(TRITON_AVAILABLE and tensor.is_cuda)
+        return bool(TRITON_AVAILABLE and tensor.is_cuda and tensor.dtype in (torch.float32, torch.float64))
     if not runnable:
         why = ("Triton is not installed (pip install 'sharded-novograd[triton]')" if not TRITON_AVAILABLE
                else f"Triton cannot run on device {tensor.device} (needs CUDA, or TRITON_INTERPRET=1 on CPU)")
