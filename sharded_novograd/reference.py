@@ -61,11 +61,14 @@ class NovoGrad(torch.optim.Optimizer):
                         reg_inside_moment=reg_inside_moment, bias_correction=bias_correction,
                         init_zero=init_zero, norm_type=norm_type)
         F.validate_hyperparameters(defaults)
+        self._layers_given = []
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
         F.validate_hyperparameters(self.param_groups[-1])
+        # The tensors as given: an engine that later swaps them for flat partitions marks these.
+        getattr(self, "_layers_given", []).extend(self.param_groups[-1]["params"])
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable] = None):
@@ -74,6 +77,7 @@ class NovoGrad(torch.optim.Optimizer):
         Args:
             closure: a closure that re-evaluates the model and returns the loss (default: None)
         """
+        _refuse_flattened_layers(self)
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -119,3 +123,19 @@ class NovoGrad(torch.optim.Optimizer):
             if group["amsgrad"]:
                 state["max_exp_avg_sq"] = v_max[i].clone()
             F.update_tensor(p.grad.to(p.dtype), state["exp_avg"], p, rows[i])
+
+
+def _refuse_flattened_layers(optimizer: NovoGrad) -> None:
+    # DeepSpeed ZeRO-1/2 and its BF16_Optimizer swap each param group for one flat
+    # partition cut at arbitrary offsets, and mark every parameter it took with
+    # `_hp_mapping` (ZeRO-3: `ds_id`). Per-layer norms over such a partition are wrong.
+    given = getattr(optimizer, "_layers_given", ())
+    if not any(hasattr(p, "_hp_mapping") or hasattr(p, "ds_id") for p in given):
+        return
+    current = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    if any(id(p) not in current for p in given):
+        raise RuntimeError(
+            "NovoGrad is being stepped on DeepSpeed's flattened ZeRO partition, where its per-layer "
+            "norms would silently span several layers or part of one. Build the engine with "
+            "sharded_novograd.integrations.deepspeed.initialize(...) instead of deepspeed.initialize(...): "
+            "it makes the update exact under ZeRO stages 0, 1 and 2.")
