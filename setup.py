@@ -10,7 +10,7 @@ setup(
     python_requires=">=3.9",
     install_requires=["torch>=2.4,<3"],
     extras_require={
-        "deepspeed": ["deepspeed>=0.15"],
+        "deepspeed": ["deepspeed>=0.19.8,<0.20"],
         "triton": ["triton>=3.0"],
         "mpi": ["mpi4py>=3.1"],
         "launch": ["tqdm>=4.60", "matplotlib>=3.5", "tomli>=2.0; python_version<'3.11'"],

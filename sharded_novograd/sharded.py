@@ -8,7 +8,7 @@ import hashlib
 import logging
 import math
 import weakref
-from typing import Callable, Dict, Iterable, List, Optional
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 
@@ -204,11 +204,11 @@ class ShardedNovoGrad(torch.optim.Optimizer):
         self.max_grad_norm = max_grad_norm
         self.fused = fused
         self.process_group = process_group if process_group is not None else torch.distributed.group.WORLD
+        if C.group_rank(self.process_group) < 0:
+            raise RuntimeError("this process is not a member of the process_group passed to ShardedNovoGrad")
         self.method = C.pick_method(collective_method, self.process_group)
         self.rank = C.group_rank(self.process_group)
         self.world_size = C.group_size(self.process_group)
-        if self.rank < 0:
-            raise RuntimeError("this process is not a member of the process_group passed to ShardedNovoGrad")
         self._build(align)
         self._sync = True
         self._buckets = None
@@ -308,6 +308,16 @@ class ShardedNovoGrad(torch.optim.Optimizer):
     def grad_norm(self) -> float:
         """Global L2 norm of the rank-averaged gradient at the last step (before clipping)."""
         return self._grad_norm
+
+    @property
+    def layer_params(self) -> Tuple[torch.Tensor, ...]:
+        """The trainable parameters in layout order: layer ``i`` is ``layer_params[i]``."""
+        return tuple(self._params)
+
+    @property
+    def flat_params(self) -> torch.Tensor:
+        """The flat buffer that every trainable parameter is a view of (padded)."""
+        return self._flat
 
     @property
     def skipped_steps(self) -> int:
@@ -507,7 +517,7 @@ class ShardedNovoGrad(torch.optim.Optimizer):
                           ("max_exp_avg_sq", self._v_max)):
             dst.copy_(st[name])
         if self._lowp is not None:
-            self._master.copy_(st["master_weight"])
+            self._master.copy_(st["master_weight"] if "master_weight" in st else self._shard)
         self._skipped = int(st.get("skipped_steps", 0))
         self._load_groups(state_dict["param_groups"])
 
