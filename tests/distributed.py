@@ -20,7 +20,7 @@ from typing import Any, Callable, List
 import torch
 import torch.distributed as dist
 
-__all__ = ["run_world", "RankError"]
+__all__ = ["run_world", "shared_world", "RankError"]
 
 
 class RankError(AssertionError):
@@ -90,3 +90,24 @@ def run_world(fn: Callable[..., Any], world_size: int, *args, timeout: float = 1
         if hung:
             raise RankError(f"ranks {hung} of {world_size} did not finish within {timeout} s")
         return [o[1] for o in outs]
+
+
+_SHARED = {}
+
+
+def shared_world(fn: Callable[..., Any], world_size: int, *args, **kwargs) -> List[Any]:
+    """:func:`run_world` once per distinct call; every later call gets the same results.
+
+    Many tests read one world's results (start-up dominates on 2 cores). A failed
+    world is not re-run: each test that asks for it re-raises the same error.
+    """
+    key = (fn, world_size, args, tuple(sorted(kwargs.items())))
+    if key not in _SHARED:
+        try:
+            _SHARED[key] = (run_world(fn, world_size, *args, **kwargs), None)
+        except RankError as e:
+            _SHARED[key] = (None, e)
+    results, error = _SHARED[key]
+    if error is not None:
+        raise error
+    return results

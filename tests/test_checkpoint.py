@@ -16,7 +16,6 @@ at every world size and the trajectories differ only by the norms' summation ord
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import re
@@ -30,7 +29,7 @@ import torch
 from sharded_novograd import NovoGrad, ShardedNovoGrad, checkpoint
 
 from .cases import SHAPES, close_ratio, make_params
-from .distributed import RankError, run_world
+from .distributed import RankError, run_world, shared_world
 
 SAVE_WORLD, SAVE_AT, MORE = 4, 5, 10
 # 50 trainable elements (layer 2 is frozen): ranks 1.. hold padding only at every world size.
@@ -149,15 +148,6 @@ def resume_world(rank, world, root):
     return out
 
 
-@functools.lru_cache(maxsize=None)
-def _run(kind, world, root):
-    fn = {"save": save_world, "resume": resume_world}[kind]
-    try:
-        return run_world(fn, world, root, timeout=240), None
-    except RankError as e:
-        return None, e
-
-
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
     return str(tmp_path_factory.mktemp("ckpt"))
@@ -166,10 +156,7 @@ def root(tmp_path_factory):
 def results(kind, world, root):
     if kind == "resume":
         results("save", SAVE_WORLD, root)
-    out, err = _run(kind, world, root)
-    if err is not None:
-        raise err
-    return out
+    return shared_world({"save": save_world, "resume": resume_world}[kind], world, root, timeout=240)
 
 
 def _equal_state(a, b):

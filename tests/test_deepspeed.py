@@ -29,10 +29,11 @@ Two kinds of reference, both the single-process NovoGrad:
 
 from __future__ import annotations
 
-import functools
+import atexit
 import math
 import os
 import sys
+import shutil
 import tempfile
 
 import pytest
@@ -46,7 +47,7 @@ from sharded_novograd import NovoGrad  # noqa: E402
 from sharded_novograd.integrations import deepspeed as sn_deepspeed  # noqa: E402
 
 from .cases import close_ratio  # noqa: E402
-from .distributed import RankError, run_world  # noqa: E402
+from .distributed import shared_world  # noqa: E402
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 STEPS = 6
@@ -431,21 +432,15 @@ def _preload():
         pass
 
 
-@functools.lru_cache(maxsize=None)
-def _world(world):
-    _preload()
-    with tempfile.TemporaryDirectory() as ckpt_dir:
-        try:
-            return run_world(run_all, world, ckpt_dir, timeout=240), None
-        except RankError as e:
-            return None, e
+_CKPT_DIRS = {}
 
 
 def world_results(world):
-    results, error = _world(world)
-    if error is not None:
-        raise error
-    return results
+    _preload()
+    if world not in _CKPT_DIRS:
+        _CKPT_DIRS[world] = tempfile.mkdtemp(prefix=f"sn_ds_world{world}_")
+        atexit.register(shutil.rmtree, _CKPT_DIRS[world], ignore_errors=True)
+    return shared_world(run_all, world, _CKPT_DIRS[world], timeout=240)
 
 
 @pytest.mark.parametrize("world,case", [(w, c) for w, cs in WORLD_CASES.items() for c in cs])

@@ -9,7 +9,6 @@ sharded optimizer must reject bad hyperparameters before it touches torch.distri
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import re
@@ -23,7 +22,7 @@ import torch.distributed as dist
 
 from sharded_novograd import NovoGrad, ShardedNovoGrad, checkpoint
 
-from .distributed import run_world
+from .distributed import shared_world
 
 WORLD = 2
 
@@ -360,9 +359,8 @@ def _world_cases(rank, world, tmp):
     return out
 
 
-@functools.lru_cache(maxsize=None)
 def _world(tmp):
-    return run_world(_world_cases, WORLD, tmp, timeout=240, collective_timeout=30)
+    return shared_world(_world_cases, WORLD, tmp, timeout=240, collective_timeout=30)
 
 
 @pytest.fixture(scope="module")

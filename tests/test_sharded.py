@@ -17,7 +17,6 @@ may round either way.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import pytest
@@ -29,7 +28,7 @@ from sharded_novograd.layout import ShardLayout
 
 from .cases import (SHAPES, averaged_grad, close_ratio, compare_state, make_params, rank_grad,
                     reference_copy)
-from .distributed import RankError, run_world
+from .distributed import shared_world
 
 STEPS = 12
 TOL = {torch.float64: (1e-10, 1e-12), torch.float32: (2e-5, 1e-6)}
@@ -304,19 +303,8 @@ def run_all(rank, world):
     return out
 
 
-@functools.lru_cache(maxsize=None)
-def _world(world):
-    try:
-        return run_world(run_all, world, timeout=300), None
-    except RankError as e:
-        return None, e
-
-
 def world_results(world):
-    results, error = _world(world)
-    if error is not None:
-        raise error
-    return results
+    return shared_world(run_all, world, timeout=300)
 
 
 @pytest.mark.parametrize("world,case", [(w, c) for w, cs in WORLD_CASES.items() for c in cs])
