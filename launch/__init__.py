@@ -1,0 +1,1 @@
+"""The training job and its launch helpers (not part of the installed package)."""
