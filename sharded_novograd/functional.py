@@ -152,6 +152,12 @@ def identity_coeffs(num_layers: int, dtype=torch.float32, device=None) -> torch.
 def update_tensor(g: torch.Tensor, m: torch.Tensor, w: torch.Tensor, c: List[float]) -> None:
     """Apply one layer's elementwise update in place, ``c`` being its coefficient row."""
     # The same operation sequence as the foreach kernel, so fp32 results agree bit for bit.
-    u = g.mul(c[GSCALE]).div_(c[D_IN]).add_(w.mul(c[WD_IN])).mul_(c[B3])
-    m.mul_(c[B1]).add_(u)
-    w.sub_(m.div(c[D_OUT]).add_(w.mul(c[WD_OUT])).mul_(c[STEP]))
+    # Weight-decay terms are skipped where the decay is 0, as the foreach kernel does.
+    u = g.mul(c[GSCALE]).div_(c[D_IN])
+    if c[WD_IN]:
+        u.add_(w.mul(c[WD_IN]))
+    m.mul_(c[B1]).add_(u.mul_(c[B3]))
+    t = m.div(c[D_OUT])
+    if c[WD_OUT]:
+        t.add_(w.mul(c[WD_OUT]))
+    w.sub_(t.mul_(c[STEP]))

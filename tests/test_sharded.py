@@ -181,7 +181,7 @@ def same_world_state_dict(rank, world):
             "lr_restored": opt2.param_groups[0]["lr"] == 0.01}
 
 
-def real_model(rank, world, bucket_size=1 << 22, micro=1):
+def real_model(rank, world, bucket_size=None, micro=1):
     """A real forward/backward on different data per rank equals the averaged reference.
 
     With ``micro`` > 1, each rank accumulates that many micro-batches (all but the

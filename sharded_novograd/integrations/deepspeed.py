@@ -210,7 +210,7 @@ class DeepSpeedNovoGrad(NovoGrad):
             if grad.dtype != part.flat.dtype or grad.shape != part.flat.shape or not grad.is_contiguous():
                 grad = grad.to(part.flat.dtype).reshape(part.flat.shape).contiguous()
             grads.append(grad)
-            st = K.partial_stats(grad, part.table)
+            st = K.partial_stats(grad, part.table, max_abs=group["norm_type"] != 2)
             L, inf = part.num_layers, group["norm_type"] != 2
             stats.append((st[L:2 * L] if inf else st[:L]).to(torch.float32))
             use_max.append(torch.full((L,), inf, dtype=torch.bool))
