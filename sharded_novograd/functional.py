@@ -115,7 +115,9 @@ def layer_update(stat: torch.Tensor, has_grad: torch.Tensor, v: torch.Tensor, v_
     blended = b2 * v + (1 - b2) * stat
     v_first = torch.where(hp.init_zero, (1 - b2) * stat, stat)
     v_new = torch.where(has_grad, torch.where(first, v_first, blended), v)
-    v_max_new = torch.where(has_grad & hp.amsgrad, torch.maximum(v_max, v_new), v_max)
+    # Without amsgrad, v_max follows v, so switching amsgrad on later starts from the
+    # current v (as the reference's max(v_old, v_new) does).
+    v_max_new = torch.where(has_grad, torch.where(hp.amsgrad, torch.maximum(v_max, v_new), v_new), v_max)
     v_used = torch.where(hp.amsgrad, v_max_new, v_new)
 
     bc1 = torch.where(hp.bias_correction, 1 - b1 ** t, one)

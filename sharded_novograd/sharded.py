@@ -139,10 +139,20 @@ class _GradientBuckets:
             self.shard_grad.narrow(0, start - self.rank * self.layout.shard_size, n).copy_(buf)
         self.pool.append(self.backing.pop(b))
 
-    def finish(self) -> torch.Tensor:
-        """Send what is left, wait for everything; return this rank's summed gradient shard."""
+    def too_late(self, layer: int) -> bool:
+        """Whether a bucket holding ``layer`` was already sent this step."""
+        return any(b > self.next_to_send for b, _, _, _ in self.pieces[layer])
+
+    def started(self) -> bool:
+        return any(self.arrived) or self.next_to_send < len(self.ranges) - 1
+
+    def send_all(self) -> None:
         while self.next_to_send >= 0:
             self._send(self.next_to_send)
+
+    def finish(self) -> torch.Tensor:
+        """Send what is left, wait for everything; return this rank's summed gradient shard."""
+        self.send_all()
         while self.in_flight:
             self._drain()
         return self.shard_grad
@@ -233,7 +243,9 @@ class ShardedNovoGrad(torch.optim.Optimizer):
         self.rank = C.group_rank(self.process_group)
         self.world_size = C.group_size(self.process_group)
         self._build(align)
+        self._mark_params_synced()
         self._sync = True
+        self._flush_queued = False
         self._buckets = None
         self._grad_flat = None  # ZeRO-1's gradient buffer, reused across steps
         if zero_stage == 2:
@@ -362,10 +374,23 @@ class ShardedNovoGrad(torch.optim.Optimizer):
         g = p.grad
         if getattr(p, _OWNER, lambda: None)() is not self:
             return  # a newer ShardedNovoGrad took over this parameter
-        if not self._sync or g is None or self._buckets.arrived[layer] or self._grad_problem(layer, p):
+        bk = self._buckets
+        if (not self._sync or g is None or bk.arrived[layer] or bk.too_late(layer)
+                or self._grad_problem(layer, p)):
             return  # step() takes it from .grad, or reports the problem on every rank
-        self._buckets.add(layer, g)
+        if not self._flush_queued:
+            # Like DDP: when this backward ends, send every bucket still open (layers
+            # unused on this rank contribute zeros), so that all of this step's bucket
+            # collectives are issued inside backward on every rank and cannot pair up
+            # with a collective the caller issues between backward and step().
+            torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
+            self._flush_queued = True
+        bk.add(layer, g)
         p.grad = None
+
+    def _end_of_backward(self) -> None:
+        self._flush_queued = False
+        self._buckets.send_all()
 
     @contextlib.contextmanager
     def no_sync(self):
@@ -387,7 +412,7 @@ class ShardedNovoGrad(torch.optim.Optimizer):
         on all ranks at the same point (as a training loop does).
         """
         super().zero_grad(set_to_none)
-        if self._buckets is not None and any(self._buckets.arrived):
+        if self._buckets is not None and self._buckets.started():
             self._buckets.finish()
             self._buckets.reset()
 
@@ -426,10 +451,11 @@ class ShardedNovoGrad(torch.optim.Optimizer):
             for i, p in enumerate(self._params):
                 if p.grad is None:
                     continue
-                if bk.arrived[i]:
-                    problem = problem or (f"layer {i} received a second gradient before step(): with "
-                                          "zero_stage=2, accumulate micro-batches inside `with "
-                                          "optimizer.no_sync():` for all but the last backward")
+                if bk.arrived[i] or bk.too_late(i):
+                    problem = problem or (f"layer {i} received a gradient after backward had already reduced "
+                                          "it (or its bucket): with zero_stage=2, accumulate micro-batches "
+                                          "inside `with optimizer.no_sync():` for all but the last backward, "
+                                          "and assign gradients by hand only before backward or without one")
                     continue
                 bad = self._grad_problem(i, p)
                 problem = problem or bad
@@ -496,13 +522,32 @@ class ShardedNovoGrad(torch.optim.Optimizer):
         if self.max_grad_norm is not None:
             gscale = (self.max_grad_norm / (total + 1e-6)).clamp(max=1.0)
             stat = stat * (gscale * gscale if self.norm_type == 2 else gscale)
-        self._v, self._v_max, self._t, coeffs = F.layer_update(
-            stat, has_grad, self._v, self._v_max, self._t, self._layer_hyper(),
-            norm_type=self.norm_type, gscale=gscale)
+        v, v_max, t, coeffs = F.layer_update(stat, has_grad, self._v, self._v_max, self._t, self._layer_hyper(),
+                                             norm_type=self.norm_type, gscale=gscale)
+        # In place, so a state_dict() taken earlier stays one consistent (live) view.
+        self._v.copy_(v)
+        self._v_max.copy_(v_max)
+        self._t.copy_(t)
+        self._resync_master()
         K.fused_update(shard_grad, self._exp_avg, self._master, self._lowp, self._table, coeffs,
                        scratch_grad=True, fused=self.fused)
         C.gather_shards(self._flat, self.layout.shard_size, self.method, self.process_group)
+        self._mark_params_synced()
         self._grad_norm = float(total)
+
+    def _params_version(self) -> int:
+        # Each Parameter keeps its own version counter (p.data was re-pointed to the
+        # flat buffer), so in-place writes through p bump p's, not the buffer's.
+        return self._flat._version + sum(p._version for p in self._params)
+
+    def _mark_params_synced(self) -> None:
+        self._synced_version = self._params_version()
+
+    def _resync_master(self) -> None:
+        """bf16/fp16: if the parameters were written since the last step (say by
+        ``model.load_state_dict``), they are the truth; take the master weights from them."""
+        if self._lowp is not None and self._params_version() != self._synced_version:
+            self._master.copy_(self._shard)
 
     # ------------------------------------------------------------------ state
     def _groups_for_state(self) -> List[Dict]:
@@ -547,6 +592,7 @@ class ShardedNovoGrad(torch.optim.Optimizer):
             dst.copy_(st[name])
         if self._lowp is not None:
             self._master.copy_(st["master_weight"] if "master_weight" in st else self._shard)
+        self._mark_params_synced()
         self._skipped = int(st.get("skipped_steps", 0))
         self._load_groups(state_dict["param_groups"])
 
@@ -613,6 +659,7 @@ class ShardedNovoGrad(torch.optim.Optimizer):
         self._t.copy_(t)
         if self._lowp is not None:
             self._master.copy_(self._shard)
+        self._mark_params_synced()
         self._load_groups(state_dict["param_groups"])
 
     def _plan_consolidated_load(self, sd):
@@ -635,6 +682,6 @@ class ShardedNovoGrad(torch.optim.Optimizer):
             for f in owned.get(i, []):
                 exp_avg.narrow(0, f.offset_in_shard, f.numel).copy_(flat_m.narrow(0, f.offset_in_layer, f.numel))
             v[i] = float(st["exp_avg_sq"])
-            vmax[i] = float(st.get("max_exp_avg_sq", 0.0))
+            vmax[i] = float(st.get("max_exp_avg_sq", st["exp_avg_sq"]))
             t[i] = float(st["step"])
         return exp_avg, v, vmax, t

@@ -242,6 +242,55 @@ def double_backward(rank, world):
     return {"error": None}
 
 
+def different_graphs_with_user_collective(rank, world):
+    """Ranks that use different layers, with a collective of the caller's between
+    backward and step: every bucket goes out inside backward, so nothing pairs wrongly."""
+    torch.manual_seed(0)
+    layers = torch.nn.ModuleList([torch.nn.Linear(4, 4).double() for _ in range(3)])
+    ref_layers = torch.nn.ModuleList([torch.nn.Linear(4, 4).double() for _ in range(3)])
+    ref_layers.load_state_dict(layers.state_dict())
+    opt = ShardedNovoGrad(layers.parameters(), lr=0.01, bucket_size=16)
+    ref = NovoGrad(ref_layers.parameters(), lr=0.01)
+
+    def loss(mods, r, step):
+        x = torch.randn(3, 4, generator=torch.Generator().manual_seed(10 * step + r), dtype=torch.float64)
+        for j, m in enumerate(mods):
+            if not (r == 1 and j == 2):  # rank 1 never uses the last layer
+                x = torch.tanh(m(x))
+        return x.square().mean()
+
+    for step in range(4):
+        value = loss(layers, rank, step)
+        value.backward()
+        logged = value.detach().clone().view(1)
+        dist.all_reduce(logged)  # e.g. averaging the loss for logging
+        opt.step()
+        for r in range(world):
+            (loss(ref_layers, r, step) / world).backward()
+        ref.step()
+        ref.zero_grad()
+    rtol, atol = TOL[torch.float64]
+    return max(close_ratio(p, q, rtol, atol) for p, q in zip(layers.parameters(), ref_layers.parameters()))
+
+
+def live_state_and_master(rank, world):
+    """bf16: weights loaded into the model after the optimizer was built are what the
+    next step starts from; state_dict() stays one consistent, live view."""
+    params = make_params(SHAPES, torch.bfloat16)
+    opt = ShardedNovoGrad(params, lr=0.0)
+    with torch.no_grad():
+        for p in params:
+            p.fill_(5.0)  # as model.load_state_dict(pretrained) does
+    for i, p in enumerate(params):
+        p.grad = rank_grad(rank, 0, i, p.shape, torch.bfloat16)
+    sd = opt.state_dict()
+    opt.step()
+    live = opt.state_dict()["state"]
+    return {"loaded_kept": all(bool((p == 5.0).all()) for p in params),
+            "consistent": all(torch.equal(sd["state"][k], live[k])
+                              for k in ("exp_avg", "exp_avg_sq", "step", "max_exp_avg_sq"))}
+
+
 def count_collectives(rank, world):
     """Record every collective of one warm step, for two models of 8 and 64 layers."""
     names = ["all_reduce", "broadcast", "all_gather_into_tensor", "all_gather_single",
@@ -297,6 +346,8 @@ def run_all(rank, world):
         out["overlap"] = real_model(rank, world, bucket_size=8)
         out["accumulate"] = real_model(rank, world, bucket_size=16, micro=3)
         out["double_backward"] = double_backward(rank, world)
+        out["different_graphs"] = different_graphs_with_user_collective(rank, world)
+        out["live_state"] = live_state_and_master(rank, world)
         out["collectives"] = count_collectives(rank, world)
     if world in (2, 3):
         out["mismatch"] = layout_mismatch(rank, world)
@@ -389,6 +440,22 @@ def test_one_small_all_reduce_per_step(world):
             assert rest[-1] in (("all_gather_single", padded), ("all_gather_into_tensor", padded)), calls
         else:  # one all-reduce per bucket, then one broadcast per owner
             assert rest == [("all_reduce", shard)] * world + [("broadcast", shard)] * world, calls
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_user_collective_between_backward_and_step(world):
+    """Check that a caller's all-reduce between backward and step() does not pair with a
+    gradient bucket when ranks use different layers (all buckets leave inside backward)."""
+    for r in world_results(world):
+        assert r["different_graphs"] <= 1.0, r["different_graphs"]
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_params_written_after_construction_are_kept(world):
+    """Check that bf16 weights loaded after the optimizer was built survive the next step
+    (the fp32 master follows them), and that an earlier state_dict() is the live state."""
+    for r in world_results(world):
+        assert r["live_state"] == {"loaded_kept": True, "consistent": True}
 
 
 @pytest.mark.parametrize("world", [2, 3])
