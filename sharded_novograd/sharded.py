@@ -45,7 +45,8 @@ class _GradientBuckets:
     have all arrived is reduced asynchronously to its owner. Buckets are sent in one
     fixed order (descending flat offset, the order backward produces gradients), so
     every rank issues the same collectives in the same order even when their graphs
-    use different parameters; buckets still incomplete at ``step()`` are sent then.
+    use different parameters; buckets still incomplete when backward ends are sent
+    then (an end-of-backward callback), or at ``step()`` when no backward ran.
     At most ``max_in_flight`` buckets are in flight: peak gradient memory is a few
     buckets plus the shard. Bucket buffers and the shard are reused across steps
     (fresh large buffers cost a page fault per 4 KiB on CPU).

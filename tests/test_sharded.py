@@ -273,6 +273,37 @@ def different_graphs_with_user_collective(rank, world):
     return max(close_ratio(p, q, rtol, atol) for p, q in zip(layers.parameters(), ref_layers.parameters()))
 
 
+def activation_checkpointing(rank, world, reentrant):
+    """A checkpointed middle layer (its backward runs inside the outer backward) with
+    small buckets still equals the reference."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    mods = [torch.nn.Linear(4, 4).double() for _ in range(3)]
+    ref_mods = [torch.nn.Linear(4, 4).double() for _ in range(3)]
+    for m, r in zip(mods, ref_mods):
+        r.load_state_dict(m.state_dict())
+    opt = ShardedNovoGrad([p for m in mods for p in m.parameters()], lr=0.01, bucket_size=8)
+    ref = NovoGrad([p for m in ref_mods for p in m.parameters()], lr=0.01)
+
+    def batch(r, step):
+        return torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(10 * step + r))
+
+    for step in range(4):
+        first, middle, last = mods
+        h = checkpoint(lambda t: torch.tanh(middle(t)), torch.tanh(first(batch(rank, step))),
+                       use_reentrant=reentrant)
+        last(h).square().mean().backward()
+        opt.step()
+        first, middle, last = ref_mods
+        for r in range(world):
+            (last(torch.tanh(middle(torch.tanh(first(batch(r, step)))))).square().mean() / world).backward()
+        ref.step()
+        ref.zero_grad()
+    rtol, atol = TOL[torch.float64]
+    return max(close_ratio(p, q, rtol, atol) for p, q in zip(opt.layer_params, ref.param_groups[0]["params"]))
+
+
 def live_state_and_master(rank, world):
     """bf16: weights loaded into the model after the optimizer was built are what the
     next step starts from; state_dict() stays one consistent, live view."""
@@ -348,6 +379,7 @@ def run_all(rank, world):
         out["double_backward"] = double_backward(rank, world)
         out["different_graphs"] = different_graphs_with_user_collective(rank, world)
         out["live_state"] = live_state_and_master(rank, world)
+        out["checkpointing"] = [activation_checkpointing(rank, world, r) for r in (False, True)]
         out["collectives"] = count_collectives(rank, world)
     if world in (2, 3):
         out["mismatch"] = layout_mismatch(rank, world)
@@ -448,6 +480,14 @@ def test_user_collective_between_backward_and_step(world):
     gradient bucket when ranks use different layers (all buckets leave inside backward)."""
     for r in world_results(world):
         assert r["different_graphs"] <= 1.0, r["different_graphs"]
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_activation_checkpointing(world):
+    """Check that activation checkpointing, non-reentrant and reentrant, stays exact
+    with ZeRO-2's backward hooks and end-of-backward flush."""
+    for r in world_results(world):
+        assert max(r["checkpointing"]) <= 1.0, r["checkpointing"]
 
 
 @pytest.mark.parametrize("world", [2, 3, 4])
