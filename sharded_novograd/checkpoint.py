@@ -239,6 +239,7 @@ def _check_optimizer(optimizer) -> None:
     if not isinstance(optimizer, ShardedNovoGrad):
         raise TypeError(f"checkpoint.save/load take a ShardedNovoGrad, got {type(optimizer).__name__}; for a "
                         "single-process NovoGrad use torch.save(optimizer.state_dict())")
+    optimizer.wait_params()  # the model's parameters are read or written next
 
 
 def _layer_map(optimizer) -> List[Dict]:

@@ -25,7 +25,7 @@ import torch.distributed as dist
 __all__ = [
     "METHODS", "pick_method", "group_rank", "group_size", "check_same_plan", "broadcast_flat",
     "all_reduce_mean", "gather_shards", "all_reduce_stats", "all_gather_stats", "all_reduce_flags",
-    "start_bucket_reduce",
+    "start_bucket_reduce", "start_gather_shards",
 ]
 
 METHODS = ("auto", "reduce_scatter", "all_reduce")
@@ -190,3 +190,22 @@ def agree(problem: Optional[str], group, device) -> List[tuple]:
     texts = all_gather_text("" if problem is None else problem or "unknown problem", group, device)
     return [(r, t) for r, t in enumerate(texts) if t]
 __all__ += ["all_gather_text", "agree"]
+
+
+def start_gather_shards(flat: torch.Tensor, shard_size: int, method: str, group):
+    """Start :func:`gather_shards` without waiting: returns ``[(start, end, work)]``, the
+    flat range each pending collective fills. This needs to be called on all ranks.
+    """
+    n, r = group_size(group), group_rank(group)
+    _flat(flat)
+    if n == 1:
+        return []
+    if method == "reduce_scatter":
+        mine = flat.narrow(0, r * shard_size, shard_size)
+        fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        work = fn(flat, mine if dist.get_backend(group) == "nccl" else mine.clone(), group=group, async_op=True)
+        return [(0, flat.numel(), work)]
+    return [(k * shard_size, (k + 1) * shard_size,
+             dist.broadcast(flat.narrow(0, k * shard_size, shard_size), src=dist.get_global_rank(group, k),
+                            group=group, async_op=True))
+            for k in range(n)]

@@ -29,6 +29,12 @@ DEFAULT_BUCKET_SIZE = {"cpu": 1 << 20, "cuda": 1 << 23}
 _OWNER = "_sharded_novograd_owner"
 
 
+def _wait_hook(owner, ranges, module, args):
+    opt = owner()
+    if opt is not None:
+        opt.wait_params(ranges)
+
+
 def _hook(owner, layer, p):
     # A weak reference, so a dropped optimizer's hooks neither keep it alive nor act.
     opt = owner()
@@ -245,6 +251,8 @@ class ShardedNovoGrad(torch.optim.Optimizer):
         self.world_size = C.group_size(self.process_group)
         self._build(align)
         self._mark_params_synced()
+        self._pending_gather: List[tuple] = []  # (flat start, flat end, work) after attach()
+        self._attached = False
         self._sync = True
         self._flush_queued = False
         self._buckets = None
@@ -489,6 +497,7 @@ class ShardedNovoGrad(torch.optim.Optimizer):
         Args:
             closure: a closure that re-evaluates the model and returns the loss (default: None)
         """
+        self.wait_params()
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -532,9 +541,48 @@ class ShardedNovoGrad(torch.optim.Optimizer):
         self._resync_master()
         K.fused_update(shard_grad, self._exp_avg, self._master, self._lowp, self._table, coeffs,
                        scratch_grad=True, fused=self.fused)
-        C.gather_shards(self._flat, self.layout.shard_size, self.method, self.process_group)
-        self._mark_params_synced()
+        if self._attached:
+            self._pending_gather = C.start_gather_shards(self._flat, self.layout.shard_size, self.method,
+                                                         self.process_group)
+        else:
+            C.gather_shards(self._flat, self.layout.shard_size, self.method, self.process_group)
+            self._mark_params_synced()
         self._grad_norm = float(total)
+
+    # ------------------------------------------------------------------ gather overlap
+    def attach(self, module: torch.nn.Module) -> None:
+        """Overlap each step's parameter gather with the next forward of ``module``.
+
+        After this, :meth:`step` returns with the gather still in flight; a forward
+        pre-hook on every submodule that owns trainable parameters waits for just the
+        part of the gather that holds them, so early layers compute while later
+        layers' parameters are still arriving. Anything else that reads or writes the
+        parameters between ``step()`` and the next forward (evaluation without
+        ``module``, logging weights, ``model.state_dict()``, loading weights) must call
+        :meth:`wait_params` first; :meth:`step`, the state-dict methods and
+        :mod:`sharded_novograd.checkpoint` do so themselves.
+        """
+        where = {id(p): (off, off + n) for p, off, n in zip(self._params, self.layout.offsets, self.layout.numels)}
+        for sub in module.modules():
+            ranges = [where[id(p)] for p in sub.parameters(recurse=False) if id(p) in where]
+            if ranges:
+                sub.register_forward_pre_hook(functools.partial(_wait_hook, weakref.ref(self), ranges))
+        self._attached = True
+
+    def wait_params(self, ranges=None) -> None:
+        """Wait until the parameters (or the flat ``[start, end)`` ``ranges``) hold this
+        step's values. A no-op unless :meth:`attach` was called."""
+        if not self._pending_gather:
+            return
+        keep = []
+        for lo, hi, work in self._pending_gather:
+            if ranges is None or any(lo < b and a < hi for a, b in ranges):
+                work.wait()
+            else:
+                keep.append((lo, hi, work))
+        self._pending_gather = keep
+        if not keep:
+            self._mark_params_synced()
 
     def _params_version(self) -> int:
         # Each Parameter keeps its own version counter (p.data was re-pointed to the
@@ -570,6 +618,7 @@ class ShardedNovoGrad(torch.optim.Optimizer):
         Use :mod:`sharded_novograd.checkpoint` or :meth:`consolidated_state_dict` to
         change world size.
         """
+        self.wait_params()
         state = {"exp_avg": self._exp_avg, "exp_avg_sq": self._v, "step": self._t,
                  "max_exp_avg_sq": self._v_max, "skipped_steps": self._skipped}
         if self._lowp is not None:
@@ -578,6 +627,7 @@ class ShardedNovoGrad(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: Dict) -> None:
         """Load a :meth:`state_dict` saved by the same rank at the same world size."""
+        self.wait_params()
         meta, mine = state_dict.get("layout"), self._layout_meta()
         if not isinstance(meta, dict):
             raise ValueError("not a ShardedNovoGrad state dict (no 'layout'); for a NovoGrad state dict "
@@ -621,6 +671,7 @@ class ShardedNovoGrad(torch.optim.Optimizer):
         bf16/fp16 models are not part of it (the model's parameters are). This needs to
         be called on all ranks.
         """
+        self.wait_params()
         lay, S = self.layout, self.layout.shard_size
         full = torch.zeros(lay.padded_total, dtype=self.state_dtype, device=self.device)
         full.narrow(0, self.rank * S, S).copy_(self._exp_avg)
@@ -644,6 +695,7 @@ class ShardedNovoGrad(torch.optim.Optimizer):
         Every rank takes its own fragments. If the state dict does not fit on any rank,
         every rank raises and nothing changes. This needs to be called on all ranks.
         """
+        self.wait_params()
         problem = None
         try:
             plan = self._plan_consolidated_load(state_dict)

@@ -181,7 +181,7 @@ def same_world_state_dict(rank, world):
             "lr_restored": opt2.param_groups[0]["lr"] == 0.01}
 
 
-def real_model(rank, world, bucket_size=None, micro=1):
+def real_model(rank, world, bucket_size=None, micro=1, attach=False):
     """A real forward/backward on different data per rank equals the averaged reference.
 
     With ``micro`` > 1, each rank accumulates that many micro-batches (all but the
@@ -205,7 +205,9 @@ def real_model(rank, world, bucket_size=None, micro=1):
     net, ref_net = build(), build()
     opt = ShardedNovoGrad(net.parameters(), lr=0.01, weight_decay=0.001, bucket_size=bucket_size)
     ref = NovoGrad(ref_net.parameters(), lr=0.01, weight_decay=0.001)
-    sent_in_backward, peak = [], 0
+    if attach:
+        opt.attach(net)
+    sent_in_backward, peak, deferred = [], 0, 0
     for step in range(8):
         for j in range(micro):
             if j < micro - 1:
@@ -217,15 +219,18 @@ def real_model(rank, world, bucket_size=None, micro=1):
         sent_in_backward.append(len(buckets.ranges) - 1 - buckets.next_to_send)
         peak = max(peak, buckets.peak_elements)
         opt.step()
+        deferred = max(deferred, len(opt._pending_gather))
         opt.zero_grad()
         for r in range(world):  # the mean of the ranks' losses has the averaged gradient
             for j in range(micro):
                 (loss(ref_net, *batch(r, step, j)) / (world * micro)).backward()
         ref.step()
         ref.zero_grad()
+    opt.wait_params()
     rtol, atol = TOL[torch.float64]
     return {"err": max(close_ratio(p, q, rtol, atol) for p, q in zip(net.parameters(), ref_net.parameters())),
-            "sent_in_backward": min(sent_in_backward), "buckets": len(opt._buckets.ranges), "peak": peak}
+            "sent_in_backward": min(sent_in_backward), "buckets": len(opt._buckets.ranges), "peak": peak,
+            "deferred": deferred}
 
 
 def double_backward(rank, world):
@@ -375,6 +380,7 @@ def run_all(rank, world):
         out["state_dict"] = same_world_state_dict(rank, world)
         out["real_model"] = real_model(rank, world)
         out["overlap"] = real_model(rank, world, bucket_size=8)
+        out["attached"] = real_model(rank, world, bucket_size=8, attach=True)
         out["accumulate"] = real_model(rank, world, bucket_size=16, micro=3)
         out["double_backward"] = double_backward(rank, world)
         out["different_graphs"] = different_graphs_with_user_collective(rank, world)
@@ -439,6 +445,17 @@ def test_overlap_sends_buckets_during_backward(world):
         # `scale` sits in bucket 0 but arrives first): 6 buckets of 8 here, never the
         # whole padded gradient (256 elements).
         assert o["peak"] <= 6 * 8, o
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_attach_overlaps_the_parameter_gather(world):
+    """Check that after attach(model), step() leaves the parameter gather in flight (one
+    broadcast per owner on gloo) and the next forward waits for it: the trajectory
+    still equals the reference."""
+    for r in world_results(world):
+        a = r["attached"]
+        assert a["err"] <= 1.0, a
+        assert a["deferred"] == world, a
 
 
 @pytest.mark.parametrize("world", [2, 3, 4])

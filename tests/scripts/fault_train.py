@@ -100,6 +100,9 @@ def main() -> None:
             torch.save(params, os.path.join(args.out, "params.pt"))
             with open(os.path.join(args.out, "result.json"), "w") as f:
                 json.dump({"restart_count": restarts, "resumed_from": start, "steps": args.steps}, f)
+        # Tear down together: a rank that destroys its gloo group while a peer is still
+        # busy can abort at exit ("terminate called without an active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
