@@ -396,15 +396,6 @@ RUNNERS = {"sharded-novograd": ShardedRunner, "novograd": DDPRunner, "adamw": DD
 
 
 # ---------------------------------------------------------------------------- checkpoints
-def _check_checkpoint_support(conf) -> None:
-    if conf["optimizer"] == "sharded-novograd" and conf["checkpoint_dir"]:
-        try:
-            from sharded_novograd import checkpoint  # noqa: F401
-        except ImportError as e:
-            raise RuntimeError(f"--checkpoint-dir with sharded-novograd needs sharded_novograd.checkpoint, "
-                               f"which this installation lacks ({e})") from None
-
-
 def save_checkpoint(runner: Runner, conf, env: DistEnv, step: int) -> None:
     """Write ``checkpoint_dir/step_N`` and then point ``latest.json`` at it. Collective."""
     root = conf["checkpoint_dir"]
@@ -485,7 +476,6 @@ def run(conf: Dict[str, Any], env: DistEnv) -> Dict[str, Any]:
     t_start = time.perf_counter()
     out = conf["out"] or os.path.join("runs", f"{conf['config_name']}-{conf['optimizer']}")
     metrics_path, plot_path = os.path.join(out, "metrics.jsonl"), os.path.join(out, "loss.png")
-    _check_checkpoint_support(conf)
     if env.rank == 0:
         os.makedirs(out, exist_ok=True)
         if conf["checkpoint_dir"]:

@@ -264,6 +264,16 @@ def _raise_agreed(problems: List[Tuple[int, str]], what: str) -> None:
     raise CheckpointError(f"{what}: " + "; ".join(parts))
 
 
+def _exchange(problem: Optional[str], payload: Dict, group, device, what: str) -> List[Dict]:
+    """Every rank's ``payload``; if any rank has a problem, every rank raises it."""
+    texts = C.all_gather_text(json.dumps({"problem": problem, **payload}), group, device)
+    replies = [json.loads(t) for t in texts]
+    problems = [(r, x["problem"]) for r, x in enumerate(replies) if x["problem"]]
+    if problems:
+        _raise_agreed(problems, what)
+    return replies
+
+
 def _describe(e: BaseException) -> str:
     return str(e) if isinstance(e, _Problem) else f"{type(e).__name__}: {e}"
 
@@ -309,12 +319,7 @@ def save(directory, optimizer, model: Optional[torch.nn.Module] = None, *,
         os.makedirs(directory, exist_ok=True)
     except Exception as e:  # noqa: BLE001 - every failure must reach every rank
         problem = _describe(e)
-    texts = C.all_gather_text(json.dumps({"problem": problem, "token": token}), group, device)
-    replies = [json.loads(t) for t in texts]
-    problems = [(r, x["problem"]) for r, x in enumerate(replies) if x["problem"]]
-    if problems:
-        _raise_agreed(problems, what)
-    token = replies[0]["token"]
+    token = _exchange(problem, {"token": token}, group, device, what)[0]["token"]
 
     # Phase 2: every rank writes its file (rank 0 also the model's).
     records, problem = [], None
@@ -337,11 +342,7 @@ def save(directory, optimizer, model: Optional[torch.nn.Module] = None, *,
         _fsync_dir(directory)
     except Exception as e:  # noqa: BLE001
         problem = _describe(e)
-    texts = C.all_gather_text(json.dumps({"problem": problem, "records": records}), group, device)
-    replies = [json.loads(t) for t in texts]
-    problems = [(r, x["problem"]) for r, x in enumerate(replies) if x["problem"]]
-    if problems:
-        _raise_agreed(problems, what)
+    replies = _exchange(problem, {"records": records}, group, device, what)
     files = [rec for x in replies for rec in x["records"] if rec["kind"] == "rank"]
     files += [rec for x in replies for rec in x["records"] if rec["kind"] == "model"]
 

@@ -25,7 +25,7 @@ import torch.distributed as dist
 __all__ = [
     "METHODS", "pick_method", "group_rank", "group_size", "check_same_plan", "broadcast_flat",
     "all_reduce_mean", "gather_shards", "all_reduce_stats", "all_gather_stats", "all_reduce_flags",
-    "start_bucket_reduce", "start_gather_shards",
+    "start_bucket_reduce", "start_gather_shards", "all_gather_text", "agree",
 ]
 
 METHODS = ("auto", "reduce_scatter", "all_reduce")
@@ -38,9 +38,9 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _gather_into(output: torch.Tensor, input: torch.Tensor, group) -> None:
+def _gather_into(output: torch.Tensor, input: torch.Tensor, group, async_op: bool = False):
     fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    fn(_flat(output), _flat(input), group=group)
+    return fn(_flat(output), _flat(input), group=group, async_op=async_op)
 
 
 def group_rank(group) -> int:
@@ -104,18 +104,28 @@ def gather_shards(flat: torch.Tensor, shard_size: int, method: str, group) -> No
 
     This needs to be called on all ranks.
     """
+    for _, _, work in start_gather_shards(flat, shard_size, method, group):
+        work.wait()
+
+
+def start_gather_shards(flat: torch.Tensor, shard_size: int, method: str, group):
+    """Start :func:`gather_shards` without waiting: returns ``[(start, end, work)]``, the
+    flat range each pending collective fills. This needs to be called on all ranks.
+    """
     n, r = group_size(group), group_rank(group)
     _flat(flat)
     if n == 1:
-        return
+        return []
     if method == "reduce_scatter":
         mine = flat.narrow(0, r * shard_size, shard_size)
         # NCCL documents the in-place form (input is the rank's slice of the output).
-        _gather_into(flat, mine if dist.get_backend(group) == "nccl" else mine.clone(), group)
-        return
-    for owner in range(n):
-        dist.broadcast(flat.narrow(0, owner * shard_size, shard_size),
-                       src=dist.get_global_rank(group, owner), group=group)
+        work = _gather_into(flat, mine if dist.get_backend(group) == "nccl" else mine.clone(), group,
+                            async_op=True)
+        return [(0, flat.numel(), work)]
+    return [(k * shard_size, (k + 1) * shard_size,
+             dist.broadcast(flat.narrow(0, k * shard_size, shard_size), src=dist.get_global_rank(group, k),
+                            group=group, async_op=True))
+            for k in range(n)]
 
 
 def all_reduce_stats(vec: torch.Tensor, group) -> torch.Tensor:
@@ -189,23 +199,3 @@ def agree(problem: Optional[str], group, device) -> List[tuple]:
         return []
     texts = all_gather_text("" if problem is None else problem or "unknown problem", group, device)
     return [(r, t) for r, t in enumerate(texts) if t]
-__all__ += ["all_gather_text", "agree"]
-
-
-def start_gather_shards(flat: torch.Tensor, shard_size: int, method: str, group):
-    """Start :func:`gather_shards` without waiting: returns ``[(start, end, work)]``, the
-    flat range each pending collective fills. This needs to be called on all ranks.
-    """
-    n, r = group_size(group), group_rank(group)
-    _flat(flat)
-    if n == 1:
-        return []
-    if method == "reduce_scatter":
-        mine = flat.narrow(0, r * shard_size, shard_size)
-        fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-        work = fn(flat, mine if dist.get_backend(group) == "nccl" else mine.clone(), group=group, async_op=True)
-        return [(0, flat.numel(), work)]
-    return [(k * shard_size, (k + 1) * shard_size,
-             dist.broadcast(flat.narrow(0, k * shard_size, shard_size), src=dist.get_global_rank(group, k),
-                            group=group, async_op=True))
-            for k in range(n)]

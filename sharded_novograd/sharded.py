@@ -110,11 +110,8 @@ class _GradientBuckets:
         return self.buffers[b]
 
     def add(self, layer: int, grad: torch.Tensor) -> None:
-        """Take ``layer``'s gradient; send every bucket that is now next and complete."""
-        if self.arrived[layer]:
-            raise RuntimeError(f"layer {layer} received a second gradient before step(): with zero_stage=2, "
-                               "accumulate micro-batches inside `with optimizer.no_sync():` for all but the "
-                               "last backward")
+        """Take ``layer``'s gradient (callers check it has not arrived nor been sent);
+        send every bucket that is now next and complete."""
         flat = grad.detach().reshape(-1)
         self.arrived[layer] = True
         # Highest bucket first, sending as we go: a layer larger than a bucket never
@@ -701,10 +698,10 @@ class ShardedNovoGrad(torch.optim.Optimizer):
             plan = self._plan_consolidated_load(state_dict)
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             problem, plan = f"{type(e).__name__}: {e}", None
-        flag = torch.tensor([1.0 if problem else 0.0], device=self.device)
-        if C.all_reduce_flags(flag, self.process_group).item():
-            raise ValueError(f"cannot load consolidated state dict: {problem}" if problem else
-                             "cannot load consolidated state dict: another rank rejected it (see its error)")
+        problems = C.agree(problem, self.process_group, self.device)
+        if problems:
+            raise ValueError("cannot load consolidated state dict: " +
+                             "; ".join(f"rank {r}: {msg}" for r, msg in problems))
         exp_avg, v, vmax, t = plan
         self._exp_avg.copy_(exp_avg)
         self._v.copy_(v)

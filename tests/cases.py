@@ -7,7 +7,6 @@ from typing import Dict, List, Optional
 
 import torch
 
-from sharded_novograd import NovoGrad
 
 # Odd sizes, a 0-dim and 1-element layer: with align=64 these 728 elements straddle
 # rank boundaries at world sizes 2, 3 and 4, and leave ranks 6 and 7 empty at 8.
@@ -72,7 +71,3 @@ def reference_copy(params, dtype) -> List[torch.nn.Parameter]:
         q.requires_grad_(p.requires_grad)
         out.append(q)
     return out
-
-
-def new_reference(params, groups_fn, **hp) -> NovoGrad:
-    return NovoGrad(groups_fn(params), **hp)
