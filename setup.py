@@ -14,6 +14,8 @@ setup(
         "triton": ["triton>=3.0"],
         "mpi": ["mpi4py>=3.1"],
         "launch": ["tqdm>=4.60", "matplotlib>=3.5", "tomli>=2.0; python_version<'3.11'"],
+        # The training stacks the integration tests run for real (models built from configs).
+        "stacks": ["transformers>=5.0,<6", "accelerate>=1.10,<2", "lightning>=2.5,<3"],
         "dev": ["pytest>=7", "tqdm>=4.60", "matplotlib>=3.5", "tomli>=2.0; python_version<'3.11'"],
     },
     license="Apache-2.0",

