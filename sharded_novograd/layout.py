@@ -18,7 +18,7 @@ from typing import Dict, List, Sequence, Tuple
 
 import torch
 
-__all__ = ["Fragment", "FragmentTable", "ShardLayout", "DEFAULT_ALIGN"]
+__all__ = ["Fragment", "FragmentTable", "ShardLayout", "DEFAULT_ALIGN", "INDEX_MAX_INT32"]
 
 # 64 elements keeps every rank's range aligned to 128 bytes (bf16) / 256 bytes
 # (fp32), so vector loads in the kernels never straddle a shard boundary.
@@ -136,12 +136,20 @@ class FragmentTable:
     This is the kernels' contract: element ``i`` of fragment ``k`` lives at shard
     index ``offsets[k] + i`` and belongs to layer ``layers[k]``. Elements of the shard
     outside every fragment (padding) are never read for statistics nor written.
+
+    Index tables (:meth:`chunks`, :meth:`vector_chunks`) are int32 when every shard
+    index fits (``shard_size <= 2**31 - 1``) and int64 otherwise; the choice is made
+    here, at construction, and kept in :attr:`index_dtype`.
     """
 
     def __init__(self, layers: Sequence[int], offsets: Sequence[int], numels: Sequence[int],
                  shard_size: int, num_layers: int):
         self.shard_size = int(shard_size)
         self.num_layers = int(num_layers)
+        if not 0 <= self.shard_size <= INDEX_MAX_INT64:
+            raise ValueError(f"shard_size {self.shard_size} outside [0, 2**63 - 1]")
+        if not 0 <= self.num_layers <= INDEX_MAX_INT32:
+            raise ValueError(f"num_layers {self.num_layers} outside [0, 2**31 - 1]")
         rows = [(int(a), int(b), int(c)) for a, b, c in zip(layers, offsets, numels)]
         for layer, off, n in rows:
             if not 0 <= layer < self.num_layers:
@@ -152,7 +160,8 @@ class FragmentTable:
         self.layers = [r[0] for r in rows]
         self.offsets = [r[1] for r in rows]
         self.numels = [r[2] for r in rows]
-        self._tensors: Dict[Tuple[str, torch.device, int], torch.Tensor] = {}
+        self.index_dtype = torch.int32 if self.shard_size <= INDEX_MAX_INT32 else torch.int64
+        self._tensors: Dict[tuple, torch.Tensor] = {}
 
     @classmethod
     def from_fragments(cls, fragments: Sequence[Fragment], shard_size: int, num_layers: int) -> "FragmentTable":
@@ -163,23 +172,86 @@ class FragmentTable:
         return len(self.layers)
 
     def chunks(self, block: int, device) -> torch.Tensor:
-        """An int32 ``[num_chunks, 3]`` table of ``(layer, start, length)``.
+        """A ``[num_chunks, 3]`` table of ``(layer, start, length)`` in :attr:`index_dtype`.
 
         Each fragment is cut into chunks of at most ``block`` elements, so that one
         kernel program handles one chunk and never straddles two layers. Built once
         per ``(device, block)`` and cached.
         """
-        key = ("chunks", torch.device(device), int(block))
+        block = _check_block(block)
+        key = ("chunks", torch.device(device), block)
         if key not in self._tensors:
-            rows = []
-            for layer, off, n in zip(self.layers, self.offsets, self.numels):
-                for start in range(off, off + n, block):
-                    rows.append((layer, start, min(block, off + n - start)))
-            t = torch.tensor(rows, dtype=torch.int64).reshape(-1, 3)
-            if t.numel() and t.max() >= 2 ** 31:
-                raise ValueError("shard too large for 32-bit chunk tables")
-            self._tensors[key] = t.to(torch.int32).to(device)
+            cols = self._columns()
+            self._tensors[key] = self._finish(_cut(*cols, block), device)
         return self._tensors[key]
+
+    def vector_chunks(self, block: int, vec: int, device) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The fragments split for kernels that load ``vec`` elements at a time.
+
+        Returns ``(body, ragged)``, two ``[n, 3]`` tables in :attr:`index_dtype`:
+
+        - ``body`` rows ``(layer, start // vec, length // vec)``: the part of every
+          fragment between its first and last shard index that is a multiple of
+          ``vec``, cut into chunks of at most ``block`` elements. Both columns count
+          whole vectors, so a kernel that multiplies them back by ``vec`` knows, from
+          the arithmetic alone, that every chunk starts and ends on a vector boundary.
+        - ``ragged`` rows ``(layer, start, length)`` in elements: what is left, the
+          at most ``vec - 1`` elements before and after each fragment's body, or the
+          whole fragment when it holds no aligned vector (fewer than ``2 * vec - 1``
+          elements). Every row is shorter than ``2 * vec - 1``.
+
+        Together the two tables cover every fragment element exactly once. Built once
+        per ``(device, block, vec)`` and cached.
+        """
+        block = _check_block(block)
+        if isinstance(vec, bool) or not isinstance(vec, int) or vec < 1 or block % vec:
+            raise ValueError(f"Invalid vec: {vec!r} (expected an int >= 1 that divides block={block})")
+        key = ("vector_chunks", torch.device(device), block, vec)
+        if key not in self._tensors:
+            layer, off, n = self._columns()
+            first = -(-off // vec)               # first whole vector, in vectors
+            last = (off + n) // vec              # one past the last whole vector
+            has_body = last > first
+            body = _cut(layer[has_body], first[has_body], (last - first)[has_body], block // vec)
+            head_end = torch.where(has_body, first * vec, off + n)
+            tail_start = torch.where(has_body, last * vec, off + n)
+            pieces = [(layer, off, head_end - off), (layer, tail_start, off + n - tail_start)]
+            ragged = torch.stack([torch.stack(p, 1) for p in pieces], 1).reshape(-1, 3)
+            ragged = ragged[ragged[:, 2] > 0]
+            self._tensors[key] = (self._finish(body, device), self._finish(ragged, device))
+        return self._tensors[key]
+
+    def _columns(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return tuple(torch.tensor(c, dtype=torch.int64) for c in (self.layers, self.offsets, self.numels))
+
+    def _finish(self, rows: torch.Tensor, device) -> torch.Tensor:
+        return rows.to(self.index_dtype).contiguous().to(device)
+
+
+# Largest shard index an int32 (int64) chunk table can hold.
+INDEX_MAX_INT32 = 2 ** 31 - 1
+INDEX_MAX_INT64 = 2 ** 63 - 1
+
+
+def _check_block(block) -> int:
+    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+        raise ValueError(f"Invalid block: {block!r} (expected an int >= 1)")
+    return block
+
+
+def _cut(layer: torch.Tensor, start: torch.Tensor, length: torch.Tensor, block: int) -> torch.Tensor:
+    """Rows ``(layer, start, length)`` with every range cut into pieces of at most ``block``."""
+    counts = (length + block - 1) // block
+    total = int(counts.sum())
+    # One program per row: CUDA's grid holds at most 2**31 - 1 programs.
+    if total > INDEX_MAX_INT32:
+        raise ValueError(f"{total} chunks of {block} exceed the 2**31 - 1 programs of one kernel launch; "
+                         "use a larger block")
+    owner = torch.repeat_interleave(torch.arange(counts.numel()), counts)
+    k = torch.arange(owner.numel()) - (torch.cumsum(counts, 0) - counts)[owner]
+    first = start[owner] + k * block
+    n = torch.clamp(length[owner] - k * block, max=block)
+    return torch.stack([layer[owner], first, n], 1).reshape(-1, 3)
 
 
 def _prod(shape: Tuple[int, ...]) -> int:

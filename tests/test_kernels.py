@@ -4,7 +4,8 @@ Without CUDA these run under Triton's CPU interpreter (``tests/conftest.py`` set
 ``TRITON_INTERPRET=1``); with CUDA they run compiled on the GPU. They skip only where
 Triton is not installed.
 
-Bugs guarded against: a program straddling two layers (another layer's scalars at a
+Bugs guarded against: a launch on the current CUDA device instead of the tensors',
+a program straddling two layers (another layer's scalars at a
 fragment boundary), the tail of a fragment that is not a multiple of the block lost,
 a chunk taking the vector-aligned path when its start or length is not aligned,
 writes into the padding between fragments, elements of a fragment left unwritten,
@@ -35,6 +36,7 @@ Tolerances (``(atol, rtol)``: ``|x - ref| <= atol + rtol * |ref|``):
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import math
 import random
@@ -92,6 +94,10 @@ TABLES = {
     "mixed_block64": (_mixed_table, 64),
     "mixed_block256": (_mixed_table, 256),
     "layout_rank1_of_3": (lambda: ShardLayout(tuple(SHAPES), 3).table(1), 16),
+    # Every fragment on the vector grid: only the vector launch runs.
+    "aligned": (lambda: FragmentTable([0, 1, 0, 2], [0, 64, 200, 320], [64, 128, 96, 192], 576, 3), 64),
+    # One odd layer (a bias of 50257) shifts every later one off the vector grid.
+    "shifted_by_odd_layer": (lambda: ShardLayout(((50257,), (64, 70), (1000,), (3,), (129,)), 1).table(0), 4096),
     "large": (lambda: FragmentTable([0, 1, 0, 2, 1], [0, 40001, 40010, 60010, 70100],
                                     [40001, 1, 20000, 9999, 33], 70200, 4), 4096),
     "large_default_block": (lambda: FragmentTable([0, 1, 0, 2, 1], [0, 40001, 40010, 60010, 70100],
@@ -453,3 +459,125 @@ def test_sharded_fused_matches_torch():
         state_tol = UPDATE_TOL[torch.promote_types(dtype, torch.float32)]
         assert max(close_ratio(p, q, rtol, atol) for p, q in zip(p_tri, p_torch)) <= 1.0, name
         assert close_ratio(m_tri, m_torch, state_tol[1], state_tol[0]) <= 1.0, name
+
+
+@needs_triton
+def test_launches_run_under_the_tensors_device(monkeypatch):
+    """Check that every kernel launch happens inside a guard that selects the tensors' device
+    (Triton launches on the current CUDA device), and that the guard is ``torch.cuda.device``
+    on CUDA and a no-op elsewhere."""
+    inside, launched = [None], []
+
+    @contextlib.contextmanager
+    def guard(device):
+        inside[0] = device
+        try:
+            yield
+        finally:
+            inside[0] = None
+
+    class Spy:
+        def __init__(self, fn):
+            self.fn = fn
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launched.append(inside[0])
+                return self.fn[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(triton_impl, "_device_guard", guard)
+    monkeypatch.setattr(triton_impl, "_partial_stats_kernel", Spy(triton_impl._partial_stats_kernel))
+    monkeypatch.setattr(triton_impl, "_fused_update_kernel", Spy(triton_impl._fused_update_kernel))
+    table, block = _table("mixed_block64")
+    g = _grad(table, torch.float32, 11).to(DEVICE)
+    st = triton_impl.partial_stats(g, table, block=block)
+    w, m = torch.randn(table.shard_size, device=DEVICE), torch.zeros(table.shard_size, device=DEVICE)
+    triton_impl.fused_update(g, m, w, None, table, F.identity_coeffs(table.num_layers).to(DEVICE), block=block)
+    # Two launches per call: the aligned bodies and the ragged ends of the fragments.
+    assert launched == [g.device] * 4, launched
+    assert _within(st[:table.num_layers].cpu(), _reference_stats(g.cpu(), table)[0], 0.0, STATS_TOL[torch.float32])
+    monkeypatch.undo()
+    cuda_guard = triton_impl._device_guard(torch.device("cuda", 1))
+    assert isinstance(cuda_guard, torch.cuda.device) and cuda_guard.idx == 1
+    assert isinstance(triton_impl._device_guard(torch.device("cpu")), contextlib.nullcontext)
+
+
+@pytest.mark.skipif(not (RUNNABLE and DEVICE == "cuda" and torch.cuda.device_count() >= 2),
+                    reason="needs two CUDA devices")
+def test_kernels_on_a_device_that_is_not_current():
+    """Check that tensors on cuda:1 are updated correctly while cuda:0 is the current device."""
+    table, block = _table("mixed_block256")
+    grad = _grad(table, torch.float32, 13)
+    coeffs = _coeffs(table, grad, "apex", torch.float32)[0]
+    gen = torch.Generator().manual_seed(13)
+    m0, w0 = torch.randn(table.shard_size, generator=gen), torch.randn(table.shard_size, generator=gen)
+    with torch.cuda.device(0):
+        dev = torch.device("cuda", 1)
+        m, w = m0.to(dev), w0.to(dev)
+        st = triton_impl.partial_stats(grad.to(dev), table, block=block)
+        triton_impl.fused_update(grad.to(dev), m, w, None, table, coeffs.to(dev), block=block)
+        torch.cuda.synchronize(dev)
+    m_ref, w_ref = _reference_update(grad, m0, w0, table, coeffs)
+    inside = _layer_of(table) >= 0
+    atol, rtol = UPDATE_TOL[torch.float32]
+    assert _within(m.cpu()[inside], m_ref[inside], atol, rtol) and _within(w.cpu()[inside], w_ref[inside], atol, rtol)
+    assert _within(st.cpu()[:table.num_layers], _reference_stats(grad, table)[0], 0.0, STATS_TOL[torch.float32])
+
+
+BIG_SHARD = 2 ** 31 + 1024
+
+
+@pytest.mark.skipif(not (RUNNABLE and DEVICE == "cuda"), reason="needs a CUDA device")
+def test_shard_beyond_int32_on_gpu():
+    """Check both kernels on a shard of more than 2**31 elements, with a fragment that crosses
+    index 2**31 and one wholly past it: the 64-bit tables and pointer arithmetic reach the right
+    elements and nothing else. Only windows around the fragments are initialised and read."""
+    S = BIG_SHARD
+    need = S * (3 * 4 + 2)
+    if torch.cuda.mem_get_info()[0] < need * 1.1:
+        pytest.skip(f"needs {need / 2 ** 30:.0f} GiB of free GPU memory")
+    base = 2 ** 31
+    table = FragmentTable([0, 1, 0, 2], [0, base - 37, base + 101, base + 700], [10, 90, 301, 3], S, 3)
+    assert table.index_dtype == torch.int64
+    windows = [slice(0, 64), slice(base - 64, S)]
+    gen = torch.Generator().manual_seed(17)
+    tensors = {}
+    for name, dtype in (("g", torch.float32), ("m", torch.float32), ("w", torch.float32), ("out", torch.bfloat16)):
+        t = torch.empty(S, dtype=dtype, device="cuda")
+        for win in windows:
+            n = win.stop - win.start
+            t[win] = (torch.randn(n, generator=gen) if name != "out" else torch.full((n,), SENTINEL)).to(dtype).cuda()
+        tensors[name] = t
+    g, m, w, out = tensors["g"], tensors["m"], tensors["w"], tensors["out"]
+    before = {k: [v[win].cpu().clone() for win in windows] for k, v in tensors.items()}
+    coeffs = F.identity_coeffs(3)
+    for col, value in ((F.B1, 0.9), (F.B3, 1.0), (F.GSCALE, 1.0), (F.D_IN, 2.0), (F.WD_IN, 0.01), (F.STEP, 0.1), (F.WD_OUT, 0.001)):
+        coeffs[:, col] = value
+    st = triton_impl.partial_stats(g, table).cpu()
+    triton_impl.fused_update(g, m, w, out, table, coeffs.cuda())
+    torch.cuda.synchronize()
+    sumsq = torch.zeros(3, dtype=torch.float64)
+    c = dict(zip(F.COEFF_COLUMNS, coeffs[0].tolist()))
+    for wi, win in enumerate(windows):
+        g0, m0, w0 = (before[k][wi].double() for k in ("g", "m", "w"))
+        m_ref, w_ref = m0.clone(), w0.clone()
+        touched = torch.zeros(win.stop - win.start, dtype=torch.bool)
+        for layer, off, n in zip(table.layers, table.offsets, table.numels):
+            lo, hi = max(off, win.start) - win.start, min(off + n, win.stop) - win.start
+            if lo >= hi:
+                continue
+            s = slice(lo, hi)
+            touched[s] = True
+            sumsq[layer] += g0[s].square().sum()
+            m_ref[s] = c["b1"] * m0[s] + c["b3"] * (c["gscale"] * g0[s] / c["d_in"] + c["wd_in"] * w0[s])
+            w_ref[s] = w0[s] - c["step"] * (m_ref[s] / c["d_out"] + c["wd_out"] * w0[s])
+        m_got, w_got, out_got = (tensors[k][win].cpu() for k in ("m", "w", "out"))
+        atol, rtol = UPDATE_TOL[torch.float32]
+        assert _within(m_got[touched], m_ref[touched], atol, rtol), wi
+        assert _within(w_got[touched], w_ref[touched], atol, rtol), wi
+        assert _within(out_got[touched], w_got[touched].to(torch.bfloat16), *CAST_TOL[torch.bfloat16])
+        # Everything outside the fragments is untouched, bit for bit.
+        for k, got in (("m", m_got), ("w", w_got), ("out", out_got)):
+            assert torch.equal(got[~touched], before[k][wi][~touched]), (k, wi)
+    assert _within(st[:3], sumsq, 0.0, STATS_TOL[torch.float32]), (st[:3], sumsq)

@@ -118,6 +118,57 @@ def test_chunks_cover_fragments_within_one_layer(block):
             assert all(0 < n <= block for _, _, n in chunks)
 
 
+@pytest.mark.parametrize("block,vec", [(16, 4), (64, 2), (4096, 4), (32, 8), (8, 1)])
+def test_vector_chunks_split_fragments_on_the_vector_grid(block, vec):
+    """Check that the aligned bodies (counted in vectors) and the ragged ends tile every
+    fragment exactly once, that bodies start and end on multiples of ``vec`` and stay within
+    the block, and that every ragged piece is shorter than ``2 * vec - 1`` elements."""
+    tables = [lay.table(r) for lay in LAYOUTS[::7] for r in range(lay.world_size)]
+    tables.append(FragmentTable([0, 1, 2, 1, 0], [0, 3, 13, 14, 40], [3, 10, 1, 25, 1000], 1100, 3))
+    for table in tables:
+        body, ragged = table.vector_chunks(block, vec, "cpu")
+        assert table.vector_chunks(block, vec, "cpu")[0] is body  # built once
+        assert body.dtype == ragged.dtype == torch.int32
+        got = [(layer, i) for layer, s, n in body.tolist() for i in range(s * vec, (s + n) * vec)]
+        got += [(layer, i) for layer, s, n in ragged.tolist() for i in range(s, s + n)]
+        expect = [(layer, i) for layer, off, n in zip(table.layers, table.offsets, table.numels)
+                  for i in range(off, off + n)]
+        assert sorted(got, key=lambda x: x[1]) == sorted(expect, key=lambda x: x[1])
+        assert all(0 < n * vec <= block for _, _, n in body.tolist())
+        assert all(0 < n < 2 * vec - 1 for _, _, n in ragged.tolist())  # none at all for vec=1
+    with pytest.raises(ValueError, match="Invalid vec"):
+        tables[-1].vector_chunks(16, 3, "cpu")
+
+
+def test_chunk_tables_beyond_int32():
+    """Check that a shard of more than 2**31 elements (not allocated) gets int64 tables whose
+    rows are exact past 2**31, and that a shard that fits keeps int32."""
+    big = 2 ** 31 + 3 * 10 ** 9
+    table = FragmentTable([0, 1, 0], [0, 5, 2 ** 31 + 1], [5, 2 ** 31 - 4, 3 * 10 ** 9 - 2], big, 2)
+    assert table.index_dtype == torch.int64
+    assert FragmentTable([0], [0], [2 ** 31 - 1], 2 ** 31 - 1, 1).index_dtype == torch.int32
+    block = 1 << 22
+    chunks = table.chunks(block, "cpu")
+    assert chunks.dtype == torch.int64
+    assert int(chunks[:, 2].sum()) == sum(table.numels)
+    assert chunks[-1].tolist() == [0, 2 ** 31 + 1 + (3 * 10 ** 9 - 2) // block * block, (3 * 10 ** 9 - 2) % block]
+    body, ragged = table.vector_chunks(block, 4, "cpu")
+    assert body.dtype == ragged.dtype == torch.int64
+    assert int(body[:, 2].sum()) * 4 + int(ragged[:, 2].sum()) == sum(table.numels)
+    # Layer 0's second fragment: head [2**31 + 1, 2**31 + 4), body, tail up to 2**31 + 3e9 - 1.
+    assert ragged.tolist() == [[0, 4, 1], [1, 5, 3], [1, 2 ** 31, 1], [0, 2 ** 31 + 1, 3],
+                               [0, (big - 4), 3]]
+    assert body[-1, 1] * 4 + body[-1, 2] * 4 == big - 4
+
+
+def test_chunk_tables_refuse_more_programs_than_a_launch_holds():
+    """Check that a table needing more than 2**31 - 1 programs raises, naming the fix."""
+    table = FragmentTable([0], [0], [2 ** 32], 2 ** 32, 1)
+    with pytest.raises(ValueError, match="use a larger block"):
+        table.chunks(1, "meta")
+    assert table.chunks(4096, "meta").shape == (2 ** 20, 3)
+
+
 @pytest.mark.parametrize("bad,match", [
     (dict(shapes=((3,),), world_size=0), "world_size"),
     (dict(shapes=((3,),), world_size=2, align=0), "align"),

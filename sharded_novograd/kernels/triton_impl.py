@@ -1,10 +1,18 @@
 """Triton implementation of the kernel contract (CUDA, or CPU under ``TRITON_INTERPRET=1``).
 
-Both kernels launch one program per row of the chunk table
-(:meth:`sharded_novograd.layout.FragmentTable.chunks`, built once per layout and
-block size): a chunk is at most ``BLOCK`` consecutive elements of one fragment, so a
-program belongs to exactly one layer and loads that layer's scalars once. There is
-no per-element layer index; padding between fragments is never touched.
+Both kernels launch one program per row of a chunk table
+(:meth:`sharded_novograd.layout.FragmentTable.vector_chunks`, built once per layout,
+block size and vector width): a chunk is at most ``BLOCK`` consecutive elements of one
+fragment, so a program belongs to exactly one layer and loads that layer's scalars
+once. There is no per-element layer index; padding between fragments is never touched.
+
+Each call is two launches of one kernel (docs/kernels.md, "Alignment"): the aligned
+body of every fragment, in a table counted in 16-byte vectors so that the compiler
+emits vector loads and stores, then the ragged ends (fewer than a vector's worth of
+elements at either end of a fragment) with ``VEC=1``, which compiles to scalar
+accesses only. ``tests/test_codegen.py`` checks both in the generated PTX. Tables are
+int64 for shards of 2**31 elements or more; the kernels add the chunk's start to the
+base pointers in 64 bits. Launches run under the tensors' CUDA device.
 
 Bytes moved per element of the fragments: :func:`partial_stats` reads the gradient
 once; :func:`fused_update` reads ``grad``, ``exp_avg`` and ``weight`` and writes
@@ -17,6 +25,7 @@ functions raise a RuntimeError.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Optional, Tuple
 
@@ -45,6 +54,19 @@ DEFAULT_BLOCK = 4096
 _INTERPRETER_BLOCK = 8192
 _MIN_BLOCK, _MAX_BLOCK = 16, 1 << 20
 
+# Alignment (docs/kernels.md): each fragment's body, between its first and last shard
+# index that is a multiple of the vector width, runs in programs that load and store
+# 16 bytes at a time; the at most VEC - 1 elements at either end of it (and fragments
+# too short for one aligned vector) run in separate one-warp programs with VEC=1,
+# scalar accesses only. tests/test_codegen.py checks both in the generated PTX.
+_VEC_BYTES = 16
+_RAGGED_BLOCK, _RAGGED_WARPS = 32, 1  # ragged pieces are shorter than 2 * VEC - 1 <= 15
+
+# Contracting g * g into the running sum (FMA) only makes the sum more accurate; the
+# update rounds every product on its own, as the torch kernels do.
+_STATS_OPTIONS = {"enable_fp_fusion": True}
+_UPDATE_OPTIONS = {"enable_fp_fusion": False}
+
 _STATE_DTYPES = (torch.float32, torch.float64)
 _OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -63,13 +85,32 @@ if TRITON_AVAILABLE:
         else:
             return a / b
 
-    # Chunks whose start and length are multiples of _VEC elements (nearly all of them
-    # in real models) take a path where Triton knows it and emits vector loads and
-    # stores (16 bytes for fp32); the others run the same code without the hint.
-    _VEC = tl.constexpr(4)
+    @triton.jit
+    def _chunk(chunks_ptr, VEC: tl.constexpr):
+        """This program's ``(layer, start, length)``; the table counts in units of ``VEC``.
+
+        Multiplying by ``VEC`` (not a ``tl.multiple_of`` hint) is what tells the compiler
+        that ``start`` and ``length`` are multiples of ``VEC``: it holds for whatever the
+        table contains, and with ``VEC=1`` the compiler assumes nothing. ``start`` is
+        64-bit; the per-element offsets below it are 32-bit (``length <= BLOCK``).
+        """
+        row = chunks_ptr + tl.program_id(0).to(tl.int64) * 3
+        layer = tl.load(row)
+        start = tl.load(row + 1).to(tl.int64) * VEC
+        length = tl.load(row + 2).to(tl.int32) * VEC
+        return layer, start, length
 
     @triton.jit
-    def _stats_chunk(grad_ptr, out_ptr, num_layers, layer, start, length, BLOCK: tl.constexpr):
+    def _partial_stats_kernel(grad_ptr, chunks_ptr, out_ptr, num_layers, VEC: tl.constexpr, BLOCK: tl.constexpr):
+        """For the chunk ``(l, start, n)`` of this program, with ``g = grad[start:start+n]``::
+
+            out[l]      += sum(g * g)
+            out[L + l]   = max(out[L + l], max|g|)
+            out[2L]     += count(g non-finite) + (1 if out[l] became non-finite else 0)
+
+        in ``out``'s dtype (fp32, or fp64 for fp64 gradients).
+        """
+        layer, start, length = _chunk(chunks_ptr, VEC)
         idx = tl.arange(0, BLOCK)
         # Upcast first: bf16/fp16 arithmetic would lose the sum (and is wrong in the interpreter).
         g = tl.load(grad_ptr + start + idx, mask=idx < length, other=0.0).to(out_ptr.dtype.element_ty)
@@ -84,54 +125,9 @@ if TRITON_AVAILABLE:
         tl.atomic_add(out_ptr + 2 * num_layers, bad.to(out_ptr.dtype.element_ty), mask=bad > 0, sem="relaxed")
 
     @triton.jit
-    def _partial_stats_kernel(grad_ptr, chunks_ptr, out_ptr, num_layers, BLOCK: tl.constexpr):
-        """For the chunk ``(l, start, n)`` of this program, with ``g = grad[start:start+n]``::
-
-            out[l]      += sum(g * g)
-            out[L + l]   = max(out[L + l], max|g|)
-            out[2L]     += count(g non-finite) + (1 if out[l] became non-finite else 0)
-
-        in ``out``'s dtype (fp32, or fp64 for fp64 gradients).
-        """
-        pid = tl.program_id(0)
-        layer = tl.load(chunks_ptr + pid * 3)
-        start = tl.load(chunks_ptr + pid * 3 + 1).to(tl.int64)
-        length = tl.load(chunks_ptr + pid * 3 + 2)
-        if (start % _VEC == 0) & (length % _VEC == 0):
-            _stats_chunk(grad_ptr, out_ptr, num_layers, layer, tl.multiple_of(start, _VEC),
-                         tl.multiple_of(length, _VEC), BLOCK)
-        else:
-            _stats_chunk(grad_ptr, out_ptr, num_layers, layer, start, length, BLOCK)
-
-    @triton.jit
-    def _update_chunk(grad_ptr, exp_avg_ptr, weight_ptr, out_ptr, row, start, length,
-                      HAS_OUT: tl.constexpr, IEEE_F32: tl.constexpr, BLOCK: tl.constexpr):
-        b1 = tl.load(row + _B1)
-        b3 = tl.load(row + _B3)
-        gscale = tl.load(row + _GSCALE)
-        d_in = tl.load(row + _D_IN)
-        wd_in = tl.load(row + _WD_IN)
-        step = tl.load(row + _STEP)
-        d_out = tl.load(row + _D_OUT)
-        wd_out = tl.load(row + _WD_OUT)
-        idx = tl.arange(0, BLOCK)
-        mask = idx < length
-        offs = start + idx
-        g = tl.load(grad_ptr + offs, mask=mask)
-        m = tl.load(exp_avg_ptr + offs, mask=mask)
-        w = tl.load(weight_ptr + offs, mask=mask)
-        u = _div(g * gscale, d_in, IEEE_F32) + w * wd_in
-        u = u * b3
-        m = m * b1 + u
-        w = w - (_div(m, d_out, IEEE_F32) + w * wd_out) * step
-        tl.store(exp_avg_ptr + offs, m, mask=mask)
-        tl.store(weight_ptr + offs, w, mask=mask)
-        if HAS_OUT:
-            tl.store(out_ptr + offs, w.to(out_ptr.dtype.element_ty), mask=mask)
-
-    @triton.jit
     def _fused_update_kernel(grad_ptr, exp_avg_ptr, weight_ptr, out_ptr, chunks_ptr, coeffs_ptr,
-                             HAS_OUT: tl.constexpr, IEEE_F32: tl.constexpr, BLOCK: tl.constexpr):
+                             HAS_OUT: tl.constexpr, IEEE_F32: tl.constexpr, VEC: tl.constexpr,
+                             BLOCK: tl.constexpr):
         """For the chunk ``(l, start, n)`` of this program, with ``c = coeffs[l]`` and every
         operation rounded in the state dtype, in this order (torch_impl's)::
 
@@ -143,16 +139,29 @@ if TRITON_AVAILABLE:
 
         The launch disables FMA contraction so that each product is rounded on its own.
         """
-        pid = tl.program_id(0)
-        layer = tl.load(chunks_ptr + pid * 3)
-        start = tl.load(chunks_ptr + pid * 3 + 1).to(tl.int64)
-        length = tl.load(chunks_ptr + pid * 3 + 2)
+        layer, start, length = _chunk(chunks_ptr, VEC)
         row = coeffs_ptr + layer * _NC
-        if (start % _VEC == 0) & (length % _VEC == 0):
-            _update_chunk(grad_ptr, exp_avg_ptr, weight_ptr, out_ptr, row, tl.multiple_of(start, _VEC),
-                          tl.multiple_of(length, _VEC), HAS_OUT, IEEE_F32, BLOCK)
-        else:
-            _update_chunk(grad_ptr, exp_avg_ptr, weight_ptr, out_ptr, row, start, length, HAS_OUT, IEEE_F32, BLOCK)
+        b1 = tl.load(row + _B1)
+        b3 = tl.load(row + _B3)
+        gscale = tl.load(row + _GSCALE)
+        d_in = tl.load(row + _D_IN)
+        wd_in = tl.load(row + _WD_IN)
+        step = tl.load(row + _STEP)
+        d_out = tl.load(row + _D_OUT)
+        wd_out = tl.load(row + _WD_OUT)
+        idx = tl.arange(0, BLOCK)
+        mask = idx < length
+        g = tl.load(grad_ptr + start + idx, mask=mask)
+        m = tl.load(exp_avg_ptr + start + idx, mask=mask)
+        w = tl.load(weight_ptr + start + idx, mask=mask)
+        u = _div(g * gscale, d_in, IEEE_F32) + w * wd_in
+        u = u * b3
+        m = m * b1 + u
+        w = w - (_div(m, d_out, IEEE_F32) + w * wd_out) * step
+        tl.store(exp_avg_ptr + start + idx, m, mask=mask)
+        tl.store(weight_ptr + start + idx, w, mask=mask)
+        if HAS_OUT:
+            tl.store(out_ptr + start + idx, w.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _check_runnable(t: torch.Tensor) -> None:
@@ -185,7 +194,7 @@ def _check_shard(name: str, t: torch.Tensor, table: FragmentTable, device: torch
 
 
 def _launch_config(block: Optional[int], device: torch.device) -> Tuple[int, int]:
-    """``(BLOCK, num_warps)``: one chunk of ``BLOCK`` elements per program."""
+    """``(BLOCK, num_warps)`` of the vector path: one chunk of ``BLOCK`` elements per program."""
     if block is None:
         block = DEFAULT_BLOCK if device.type == "cuda" else _INTERPRETER_BLOCK
     if (isinstance(block, bool) or not isinstance(block, int) or not _MIN_BLOCK <= block <= _MAX_BLOCK
@@ -193,6 +202,38 @@ def _launch_config(block: Optional[int], device: torch.device) -> Tuple[int, int
         raise ValueError(f"Invalid block: {block!r} (expected a power of two in [{_MIN_BLOCK}, {_MAX_BLOCK}])")
     num_warps = 4 if block < 2048 else 8 if block < 8192 else 16
     return block, num_warps
+
+
+def _vec(dtype: torch.dtype) -> int:
+    """Elements per vector access: 16 bytes of the widest tensor the kernel streams."""
+    return max(1, _VEC_BYTES // dtype.itemsize)
+
+
+def _paths(dtype: torch.dtype, block: Optional[int], device: torch.device):
+    """The two launches of a kernel over a fragment table, as ``(VEC, BLOCK, num_warps)``.
+
+    The first runs the table's aligned bodies (:meth:`FragmentTable.vector_chunks`,
+    counted in vectors of ``VEC`` elements); the second runs the ragged ends with
+    ``VEC=1``, which compiles to scalar loads and stores only.
+    """
+    BLOCK, num_warps = _launch_config(block, device)
+    return (_vec(dtype), BLOCK, num_warps), (1, _RAGGED_BLOCK, _RAGGED_WARPS)
+
+
+def _device_guard(device: torch.device):
+    """Triton launches on the *current* CUDA device, not the tensors' device: select it."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _launch(run, table: FragmentTable, dtype: torch.dtype, block: Optional[int], device: torch.device) -> None:
+    """Call ``run(chunks, VEC, BLOCK, num_warps)`` for the aligned bodies, then the ragged ends."""
+    (vec, BLOCK, num_warps), ragged_path = _paths(dtype, block, device)
+    body, ragged = table.vector_chunks(BLOCK, vec, device)
+    with _device_guard(device):
+        if body.shape[0]:
+            run(body, vec, BLOCK, num_warps)
+        if ragged.shape[0]:
+            run(ragged, *ragged_path)
 
 
 def partial_stats(grad: torch.Tensor, table: FragmentTable, *, block: Optional[int] = None) -> torch.Tensor:
@@ -215,14 +256,15 @@ def partial_stats(grad: torch.Tensor, table: FragmentTable, *, block: Optional[i
     L = table.num_layers
     out = torch.zeros(2 * L + 1, dtype=torch.float64 if grad.dtype == torch.float64 else torch.float32,
                       device=grad.device)
-    BLOCK, num_warps = _launch_config(block, grad.device)
+    _launch_config(block, grad.device)  # validates block even for an empty table
     if len(table) == 0:
         return out
-    chunks = table.chunks(BLOCK, grad.device)
-    if chunks.shape[0]:
-        # Contracting g * g into the running sum (FMA) only makes the sum more accurate.
-        _partial_stats_kernel[(chunks.shape[0],)](grad, chunks, out, L, BLOCK=BLOCK, num_warps=num_warps,
-                                                  enable_fp_fusion=True)
+
+    def run(chunks, VEC, BLOCK, num_warps):
+        _partial_stats_kernel[(chunks.shape[0],)](grad, chunks, out, L, VEC=VEC, BLOCK=BLOCK,
+                                                  num_warps=num_warps, **_STATS_OPTIONS)
+
+    _launch(run, table, grad.dtype, block, grad.device)
     return out
 
 
@@ -256,16 +298,16 @@ def fused_update(grad: torch.Tensor, exp_avg: torch.Tensor, weight: torch.Tensor
     if not isinstance(coeffs, torch.Tensor) or tuple(coeffs.shape) != (table.num_layers, NUM_COEFFS):
         shape = tuple(coeffs.shape) if isinstance(coeffs, torch.Tensor) else type(coeffs).__name__
         raise ValueError(f"coeffs must have shape ({table.num_layers}, {NUM_COEFFS}), got {shape}")
-    BLOCK, num_warps = _launch_config(block, device)
+    _launch_config(block, device)
     if len(table) == 0:
-        return
-    chunks = table.chunks(BLOCK, device)
-    if not chunks.shape[0]:
         return
     coeffs = coeffs.to(device=device, dtype=weight.dtype).contiguous()
     has_out = param_out is not None
-    # Without param_out the kernel never touches out_ptr; weight stands in for it.
-    _fused_update_kernel[(chunks.shape[0],)](
-        grad, exp_avg, weight, param_out if has_out else weight, chunks, coeffs,
-        HAS_OUT=has_out, IEEE_F32=weight.dtype == torch.float32, BLOCK=BLOCK,
-        num_warps=num_warps, enable_fp_fusion=False)
+    out = param_out if has_out else weight  # never touched without param_out
+
+    def run(chunks, VEC, BLOCK, num_warps):
+        _fused_update_kernel[(chunks.shape[0],)](
+            grad, exp_avg, weight, out, chunks, coeffs, HAS_OUT=has_out, IEEE_F32=weight.dtype == torch.float32,
+            VEC=VEC, BLOCK=BLOCK, num_warps=num_warps, **_UPDATE_OPTIONS)
+
+    _launch(run, table, weight.dtype, block, device)
