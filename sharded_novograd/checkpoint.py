@@ -11,6 +11,12 @@ A checkpoint is a directory::
 ``<token>`` is fresh for every save, so saving again into the same directory never
 overwrites a file the current manifest names: a save that dies half-way leaves the
 previous checkpoint loadable, and the new manifest replaces the old one atomically.
+Before any other file, rank 0 writes ``<token>-pending.json``, a record of the save's
+token and of the files the manifest it replaces names; once the new manifest is
+published, exactly those files (and those of recorded saves that died) are removed,
+then the records. A file that no record names is never removed, whatever its name.
+Every name a manifest lists must be a plain file name that resolves inside the
+directory; :func:`load` refuses anything else (a path, ``..``, a symbolic link out).
 Every file is written to a temporary name, fsynced and renamed; the manifest records
 each file's size and SHA-256, which :func:`load` verifies before reading it.
 
@@ -51,8 +57,10 @@ __all__ = ["CheckpointError", "save", "load", "is_complete", "latest", "read_man
 MANIFEST = "manifest.json"
 FORMAT = "sharded-novograd-checkpoint"
 FORMAT_VERSION = 1
-# Files a save writes (and temporary names of saves that died), removed once no manifest names them.
-_OWN_FILE = re.compile(r"^([0-9a-f]{16}-(rank\d{5,}|model)\.pt(\.\d+\.tmp)?|manifest\.json\.\d+\.tmp)$")
+# A save's record of its token, written by rank 0 before any file of that save: the files
+# it names (those of the token, the manifest it replaces) are removed once a newer
+# manifest is published, even if that save died.
+_PENDING = re.compile(r"^([0-9a-f]{16})-pending\.json$")
 _VECTORS = ("exp_avg_sq", "step", "max_exp_avg_sq")
 
 
@@ -92,15 +100,47 @@ def _write_tensors(path: str, obj: Dict) -> Tuple[str, int]:
     return digest, size
 
 
-def _write_json(path: str, obj: Dict) -> None:
+def _write_text(path: str, text: str) -> None:
+    """Write ``text`` to a temporary name, fsync, rename, fsync the directory."""
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, allow_nan=False)
-        f.write("\n")
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
     _fsync_dir(os.path.dirname(path) or ".")
+
+
+def _json_text(obj: Dict) -> str:
+    return json.dumps(obj, indent=1, allow_nan=False) + "\n"
+
+
+def _write_json(path: str, obj: Dict) -> str:
+    """Write ``obj`` as JSON (atomically, as :func:`_write_text`); return the text written."""
+    text = _json_text(obj)
+    _write_text(path, text)
+    return text
+
+
+def _plain_name(name) -> bool:
+    """Whether ``name`` names an entry of a directory itself: no path, no '..', not absolute."""
+    return (isinstance(name, str) and name not in ("", ".", "..") and "\0" not in name
+            and not any(sep and sep in name for sep in ("/", os.sep, os.altsep)) and not os.path.isabs(name))
+
+
+def _check_file_names(directory: str, m: Dict) -> None:
+    """Every file the manifest names must resolve inside ``directory`` (symbolic links included)."""
+    root = os.path.realpath(directory)
+    for e in m["files"]:
+        name = e["name"]
+        if not _plain_name(name):
+            raise _Problem(f"{MANIFEST} in {directory} names the file {name!r}, which is not a plain file name "
+                           "(a path, '..' or an absolute path); a checkpoint's files must lie in its directory, "
+                           "refusing to read outside it")
+        real = os.path.realpath(os.path.join(directory, name))
+        if os.path.commonpath([root, real]) != root:
+            raise _Problem(f"{MANIFEST} in {directory} names the file {name}, a symbolic link to {real}, outside "
+                           "the checkpoint directory; refusing to read outside it")
 
 
 def _compact(t: torch.Tensor) -> torch.Tensor:
@@ -200,6 +240,7 @@ def _read_manifest(directory: str) -> Dict:
     if not consistent:
         raise _Problem(f"{MANIFEST} in {directory} is inconsistent: its layout, layers or file list do not "
                        "match its shapes and world size")
+    _check_file_names(directory, m)
     return m
 
 
@@ -278,6 +319,55 @@ def _describe(e: BaseException) -> str:
     return str(e) if isinstance(e, _Problem) else f"{type(e).__name__}: {e}"
 
 
+def _named_by_manifest(directory: str) -> List[str]:
+    """The plain file names the manifest in ``directory`` lists; [] if there is none or it is unreadable."""
+    try:
+        with open(os.path.join(directory, MANIFEST)) as f:
+            m = json.load(f)
+        return [e["name"] for e in m["files"] if _plain_name(e["name"])] if m.get("format") == FORMAT else []
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return []
+
+
+def _write_pending(directory: str, token: str) -> None:
+    """Record, before any file of the save is written, what it will make obsolete."""
+    record = {"format": FORMAT, "token": token, "pid": os.getpid(), "replaces": _named_by_manifest(directory)}
+    _write_text(os.path.join(directory, f"{token}-pending.json"), _json_text(record))
+
+
+def _remove_obsolete(directory: str, keep: set) -> None:
+    """Remove what the pending records name (this save's included), then the records.
+
+    A record names the files of its save's token and the files of the manifest that
+    save was to replace; a file that nothing records (the user's, another
+    checkpoint's) is never removed, whatever its name.
+    """
+    listing = os.listdir(directory)
+    doomed, records = set(), []
+    for name in listing:
+        match = _PENDING.match(name)
+        if not match:
+            continue
+        try:
+            with open(os.path.join(directory, name)) as f:
+                rec = json.load(f)
+            if rec["format"] != FORMAT or rec["token"] != match.group(1):
+                continue
+            replaces, pid = list(rec["replaces"]), rec["pid"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        own = re.compile(rf"^{match.group(1)}-(rank\d{{5,}}|model)\.pt(\.\d+\.tmp)?$")
+        doomed.update(n for n in listing if own.match(n))
+        doomed.update(n for n in replaces if _plain_name(n))
+        doomed.add(f"{MANIFEST}.{pid}.tmp")
+        records.append(name)
+    for name in sorted(doomed - keep - {MANIFEST}) + records:
+        path = os.path.join(directory, name)
+        if os.path.islink(path) or os.path.isfile(path):
+            os.remove(path)
+    _fsync_dir(directory)
+
+
 # ---------------------------------------------------------------------------- save
 def save(directory, optimizer, model: Optional[torch.nn.Module] = None, *,
          metadata: Optional[Dict[str, Any]] = None) -> Dict:
@@ -286,17 +376,20 @@ def save(directory, optimizer, model: Optional[torch.nn.Module] = None, *,
     Every rank writes its own file; rank 0 writes the model's ``state_dict`` (the model
     is replicated, so one copy serves every world size) and, after every rank's file is
     safely on disk, the manifest. Saving into a directory that already holds a
-    checkpoint replaces it atomically when the new manifest is written.
+    checkpoint replaces it atomically when the new manifest is written; then the files
+    of the replaced checkpoint (and of earlier saves here that died) are removed, and
+    no other file.
 
     Args:
         directory: the checkpoint directory (created if needed).
         optimizer: a :class:`~sharded_novograd.ShardedNovoGrad`.
         model: a module whose ``state_dict`` to save with it (default: None)
         metadata: JSON-serialisable user data stored in the manifest, e.g. the
-            training step (default: None)
+            training step; rank 0's is stored (default: None)
 
     Returns:
-        the manifest (a dict), identical on every rank.
+        the manifest as written on disk by rank 0 (what :func:`read_manifest` returns),
+        identical on every rank.
 
     Raises:
         CheckpointError: on every rank, if any rank failed; the previous checkpoint in
@@ -317,6 +410,8 @@ def save(directory, optimizer, model: Optional[torch.nn.Module] = None, *,
             raise _Problem(f"metadata must be a dict, got {type(metadata).__name__}")
         user = None if metadata is None else _to_json(metadata, "metadata")
         os.makedirs(directory, exist_ok=True)
+        if rank == 0:
+            _write_pending(directory, token)
     except Exception as e:  # noqa: BLE001 - every failure must reach every rank
         problem = _describe(e)
     token = _exchange(problem, {"token": token}, group, device, what)[0]["token"]
@@ -362,20 +457,23 @@ def save(directory, optimizer, model: Optional[torch.nn.Module] = None, *,
         "layers": _layer_map(optimizer), "param_groups": groups, "user": user, "files": files,
     }
 
-    # Phase 3: rank 0 publishes the manifest, then removes files no manifest names.
-    problem = None
+    # Phase 3: rank 0 publishes its manifest and removes what it made obsolete; every
+    # rank then returns the bytes on disk (metadata or clocks may differ per rank).
+    problem, text = None, ""
     if rank == 0:
         try:
-            _write_json(os.path.join(directory, MANIFEST), manifest)
-            keep = {rec["name"] for rec in files}
-            for name in os.listdir(directory):
-                if _OWN_FILE.match(name) and name not in keep:
-                    os.remove(os.path.join(directory, name))
+            text = _write_json(os.path.join(directory, MANIFEST), manifest)
+            _remove_obsolete(directory, {rec["name"] for rec in files})
         except Exception as e:  # noqa: BLE001
             problem = _describe(e)
-    problems = C.agree(problem, group, device)
-    if problems:
-        _raise_agreed(problems, what)
+    data = text.encode("utf-8")
+    size = _exchange(problem, {"bytes": len(data)}, group, device, what)[0]["bytes"]
+    buf = torch.zeros(size, dtype=torch.uint8)
+    if rank == 0:
+        buf.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+    buf = buf.to(device)
+    C.broadcast_flat(buf, group, src=0)
+    manifest = json.loads(bytes(buf.cpu().tolist()).decode("utf-8"))
     if rank == 0:
         logger.info("saved checkpoint %s: %d files, %d bytes", directory, len(files),
                     sum(rec["bytes"] for rec in files))

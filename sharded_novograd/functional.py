@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -35,29 +35,77 @@ B1, B3, GSCALE, D_IN, WD_IN, STEP, D_OUT, WD_OUT = range(NUM_COEFFS)
 _FLAGS = ("grad_averaging", "amsgrad", "reg_inside_moment", "bias_correction", "init_zero")
 
 
+def _shown(value) -> str:
+    """``value`` as an error message shows it: by repr, a large tensor by its dtype and shape."""
+    if isinstance(value, torch.Tensor) and (value.numel() > 8 or value.device.type == "meta"):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)} on {value.device}"
+    return repr(value)
+
+
+def _as_real(value, tensor_ok: bool = False) -> Tuple[Optional[float], str]:
+    """``(float(value), "")`` for a real number, else ``(None, what was given instead)``.
+
+    bools are refused although Python counts them as ints: ``lr=True`` is a mistake.
+    With ``tensor_ok``, a 1-element real tensor counts as a number (torch accepts a
+    tensor learning rate).
+    """
+    if isinstance(value, bool):
+        return None, "; got a bool"
+    if isinstance(value, (int, float)):
+        try:
+            return float(value), ""
+        except OverflowError:  # an int beyond float range
+            return math.inf, ""
+    if isinstance(value, torch.Tensor):
+        if not tensor_ok:
+            return None, "; got a tensor: pass a Python float"
+        if value.numel() != 1:
+            return None, f"; got a tensor of {value.numel()} elements"
+        if value.dtype == torch.bool or value.is_complex() or value.device.type == "meta":
+            return None, f"; got a {value.dtype} tensor on {value.device}"
+        return float(value), ""
+    return None, f"; got {type(value).__name__}"
+
+
 def validate_hyperparameters(hp: Dict) -> None:
-    """Raise ValueError naming the first invalid hyperparameter in ``hp``."""
+    """Raise ValueError naming the first invalid hyperparameter in ``hp``, and its value.
+
+    ``lr`` must be a finite number >= 0 (a float, an int or a 1-element tensor);
+    ``eps`` a finite number > 0; ``betas`` a pair of numbers in [0, 1);
+    ``weight_decay`` a finite number >= 0; ``norm_type`` 2 or ``float("inf")``; the
+    flags bools. A missing key counts as the value None.
+    """
     lr = hp.get("lr")
-    if not isinstance(lr, (int, float, torch.Tensor)) or isinstance(lr, bool) or not float(lr) >= 0.0:
-        raise ValueError(f"Invalid learning rate: {lr}")
+    x, got = _as_real(lr, tensor_ok=True)
+    if x is None or not math.isfinite(x) or x < 0.0:
+        raise ValueError(f"Invalid learning rate: {_shown(lr)} (lr must be a finite number >= 0, a float or "
+                         f"a 1-element tensor{got})")
     eps = hp.get("eps")
-    if not isinstance(eps, (int, float)) or not eps >= 0.0:
-        raise ValueError(f"Invalid epsilon value: {eps}")
+    x, got = _as_real(eps)
+    if x is None or not math.isfinite(x) or x <= 0.0:
+        raise ValueError(f"Invalid epsilon value: {_shown(eps)} (eps must be a finite number > 0{got})")
     betas = hp.get("betas")
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-        raise ValueError(f"Invalid betas: {betas!r} (expected a pair of floats)")
+        raise ValueError(f"Invalid betas: {_shown(betas)} (betas must be a pair of floats in [0, 1), "
+                         f"got {type(betas).__name__}"
+                         f"{f' of length {len(betas)}' if isinstance(betas, (tuple, list)) else ''})")
     for i, b in enumerate(betas):
-        if not isinstance(b, (int, float)) or not 0.0 <= b < 1.0:
-            raise ValueError(f"Invalid beta parameter at index {i}: {b}")
+        x, got = _as_real(b)
+        if x is None or not 0.0 <= x < 1.0:
+            raise ValueError(f"Invalid beta parameter at index {i}: {_shown(b)} (betas[{i}] must be a float "
+                             f"in [0, 1){got})")
     wd = hp.get("weight_decay")
-    if not isinstance(wd, (int, float)) or not wd >= 0.0:
-        raise ValueError(f"Invalid weight_decay value: {wd}")
+    x, got = _as_real(wd)
+    if x is None or not math.isfinite(x) or x < 0.0:
+        raise ValueError(f"Invalid weight_decay value: {_shown(wd)} (weight_decay must be a finite number "
+                         f">= 0{got})")
     nt = hp.get("norm_type")
-    if nt not in (2, 2.0, math.inf):
-        raise ValueError(f"Invalid norm_type: {nt!r} (expected 2 or float('inf'))")
+    x, _ = _as_real(nt)
+    if x not in (2.0, math.inf):
+        raise ValueError(f"Invalid norm_type: {_shown(nt)} (norm_type must be 2 or float('inf'))")
     for name in _FLAGS:
         if not isinstance(hp.get(name), bool):
-            raise ValueError(f"Invalid {name}: {hp.get(name)!r} (expected a bool)")
+            raise ValueError(f"Invalid {name}: {_shown(hp.get(name))} ({name} must be a bool, True or False)")
 
 
 @dataclass
