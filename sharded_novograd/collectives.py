@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = [
-    "METHODS", "pick_method", "group_rank", "group_size", "check_same_plan", "broadcast_flat",
+    "METHODS", "backend_for", "pick_method", "group_rank", "group_size", "check_same_plan", "broadcast_flat",
     "all_reduce_mean", "gather_shards", "all_reduce_stats", "all_gather_stats", "all_reduce_flags",
     "start_bucket_reduce", "start_gather_shards", "all_gather_text", "agree",
 ]
@@ -51,13 +51,65 @@ def group_size(group) -> int:
     return dist.get_world_size(group)
 
 
-def pick_method(method: str, group) -> str:
-    """Resolve ``"auto"`` to the faster method for the group's backend."""
+def backend_for(group, device=None) -> str:
+    """The name of the backend that serves ``device``'s tensors in ``group`` (``"nccl"``, ``"gloo"``, ...).
+
+    A group made without a backend (``init_process_group()``, which
+    :func:`torch.distributed.get_backend` reports as ``"undefined"``) or with one per device
+    (``"cpu:gloo,cuda:nccl"``, reported as that whole string) has a backend per device
+    type; :func:`torch.distributed.get_backend_config` lists them.
+
+    Args:
+        group: the process group.
+        device: the device of the tensors the collectives carry; None takes CUDA when the
+            group serves CUDA and CUDA is available, else CPU (default: None)
+
+    Raises:
+        RuntimeError: no backend of ``group`` serves ``device``.
+    """
+    config = dist.get_backend_config(group)
+    served = {}
+    for entry in config.split(","):
+        dev, sep, name = entry.strip().partition(":")
+        if sep:
+            served[dev.strip()] = name.strip().lower()
+        else:  # one backend for every device type
+            served = {"": dev.strip().lower()}
+    if "" in served:
+        return served[""]
+    if device is None:
+        kind = "cuda" if "cuda" in served and torch.cuda.is_available() else "cpu"
+    else:
+        kind = torch.device(device).type
+    if kind not in served:
+        raise RuntimeError(f"the process group has no backend for {kind} tensors (its backends: {config}); "
+                           f"create it with a backend for {kind}, for example "
+                           f"init_process_group(\"{'nccl' if kind == 'cuda' else 'gloo'}\"), or move the "
+                           f"parameters to a device it serves ({', '.join(sorted(served))})")
+    return served[kind]
+
+
+def pick_method(method: str, group, device=None) -> str:
+    """Resolve ``"auto"`` to the faster method for the backend that serves ``device`` in ``group``.
+
+    Args:
+        method: ``"auto"``, ``"reduce_scatter"`` or ``"all_reduce"``.
+        group: the process group.
+        device: the device of the tensors (the parameters); see :func:`backend_for`
+            (default: None)
+
+    Raises:
+        ValueError: an unknown ``method``.
+        RuntimeError: ``device`` is given and no backend of ``group`` serves it.
+    """
     if method not in METHODS:
         raise ValueError(f"Invalid collective method: {method!r} (expected one of {METHODS})")
+    if method != "auto" and device is None:
+        return method
+    backend = backend_for(group, device)
     if method != "auto":
         return method
-    return "reduce_scatter" if dist.get_backend(group) == "nccl" else "all_reduce"
+    return "reduce_scatter" if backend == "nccl" else "all_reduce"
 
 
 def check_same_plan(lines: List[str], digest: bytes, group, device) -> None:

@@ -243,7 +243,8 @@ class ShardedNovoGrad(torch.optim.Optimizer):
         self.process_group = process_group if process_group is not None else torch.distributed.group.WORLD
         if C.group_rank(self.process_group) < 0:
             raise RuntimeError("this process is not a member of the process_group passed to ShardedNovoGrad")
-        self.method = C.pick_method(collective_method, self.process_group)
+        self.method = C.pick_method(collective_method, self.process_group,
+                                    next((p.device for g in self.param_groups for p in g["params"]), None))
         self.rank = C.group_rank(self.process_group)
         self.world_size = C.group_size(self.process_group)
         self._build(align)
