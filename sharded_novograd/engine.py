@@ -61,6 +61,8 @@ class Reduced:
         skip: the step must be skipped (non-finite values, GradScaler's inf, overflow).
         reason: why it is skipped, for the log.
         total_norm: float64 0-dim, L2 norm of the whole (unscaled) gradient.
+        holders: float64 ``[L]``, the number of ranks that hold a gradient for the layer,
+            divided by its replication factor (a front end checks it is all or none).
     """
 
     sumsq: torch.Tensor
@@ -69,6 +71,7 @@ class Reduced:
     skip: bool
     reason: str
     total_norm: torch.Tensor
+    holders: Optional[torch.Tensor] = None
 
 
 class StepEngine:
@@ -172,7 +175,8 @@ class StepEngine:
                                "call backward() before step()")
         reason = ("non-finite gradient" if nonfinite else "GradScaler found an inf or NaN" if found
                   else "a layer's summed squared gradient overflows" if overflow else "")
-        return Reduced(sumsq=sums, stat=stat, has_grad=has, skip=bool(reason), reason=reason, total_norm=total)
+        return Reduced(sumsq=sums, stat=stat, has_grad=has, skip=bool(reason), reason=reason, total_norm=total,
+                       holders=counts)
 
 
 def plan_update(red: Reduced, v: torch.Tensor, v_max: torch.Tensor, t: torch.Tensor, hyper: F.LayerHyper, *,
