@@ -91,9 +91,10 @@ def count(arch: Arch) -> Dict[str, int]:
 
 # ---------------------------------------------------------------- cost model
 def stats_vector_floats(L: int) -> int:
-    """Length of ShardedNovoGrad's one extra all-reduce (norm_type=2): per-layer sums of
-    squares and has-gradient flags, plus a non-finite and an invalid-gradient flag."""
-    return 2 * L + 2
+    """Length of ShardedNovoGrad's one extra all-reduce (norm_type=2, float64 values): see
+    :func:`sharded_novograd.engine.stats_length`."""
+    from sharded_novograd.engine import stats_length
+    return stats_length(L)
 
 
 def optimizer_state_bytes(kind: str, P: int, L: int, N: int, param_bytes: int, align: int = 64,
@@ -170,10 +171,10 @@ def comm_per_rank(method: str, P: int, L: int, N: int, grad_comm_bytes: int = 4)
     extra = 0.0
     if method == "sn_zero1":
         grads, params = 2 * f * P * grad_comm_bytes, f * P * 2
-        extra = 2 * f * 4 * stats_vector_floats(L)
+        extra = 2 * f * 8 * stats_vector_floats(L)
     elif method == "sn_zero2":
         grads, params = f * P * grad_comm_bytes, f * P * 2
-        extra = 2 * f * 4 * stats_vector_floats(L)
+        extra = 2 * f * 8 * stats_vector_floats(L)
     elif method == "ds_zero2_adamw":
         grads, params = f * P * 2, f * P * 2
     else:
@@ -226,7 +227,7 @@ def tables(ranks: List[int], alpha_s: float, bw_bytes_s: float) -> str:
         P, L = counts[k]["P"], counts[k]["L"]
         for N in ranks:
             z1, z2, ds = (comm_per_rank(m, P, L, N) for m in ("sn_zero1", "sn_zero2", "ds_zero2_adamw"))
-            nbytes = 4 * stats_vector_floats(L)
+            nbytes = 8 * stats_vector_floats(L)
             ring = 2 * (N - 1) * alpha_s + z2["extra"] / bw_bytes_s
             tree = 2 * math.ceil(math.log2(N)) * alpha_s + 2 * nbytes / bw_bytes_s
             out.append(f"| {k} | {N} | {_bytes(z1['total'])} | {_bytes(z2['total'])} | {_bytes(ds['total'])} | "

@@ -37,12 +37,19 @@ import torch
 from . import collectives as C
 from . import functional as F
 
-__all__ = ["StepEngine", "Reduced", "plan_update", "settings_digest", "hyper_text", "DIGEST_COMPONENTS"]
+__all__ = ["StepEngine", "Reduced", "plan_update", "settings_digest", "hyper_text", "stats_length", "DIGEST_COMPONENTS"]
 
 # The digest travels as 8 one-byte components c. Over n ranks, sum(c) and sum(c*c)
 # are exact in float64 and all ranks hold the same c iff n * sum(c*c) == sum(c)**2
 # (Cauchy-Schwarz), exactly representable for n <= 2**18 ranks.
 DIGEST_COMPONENTS = 8
+
+
+def stats_length(num_layers: int) -> int:
+    """Float64 values in the step's one all-reduce (norm_type=2): per-layer sums of squares
+    and has-gradient counts, the non-finite count, GradScaler's flag, the problem flag and
+    the digest's components and their squares."""
+    return 2 * num_layers + 3 + 2 * DIGEST_COMPONENTS
 
 
 def settings_digest(text: str) -> bytes:

@@ -1,4 +1,11 @@
-"""ShardedNovoGrad: NovoGrad with ZeRO-1/2 sharding over a torch.distributed group."""
+"""ShardedNovoGrad: NovoGrad with ZeRO-1/2 sharding over a torch.distributed group.
+
+The optimizer facade. The jobs of a step live in their own modules and flow one way:
+:mod:`.flat` (the flat parameter buffer, re-adoption of moved parameters),
+:mod:`.gradients` (this rank's averaged gradient shard: ZeRO-1, ZeRO-2 buckets, or
+averaged by DDP), :mod:`.engine` (the one collective and every decision taken from it)
+and :mod:`.kernels` (the fused update).
+"""
 
 from __future__ import annotations
 
@@ -7,26 +14,36 @@ import functools
 import hashlib
 import logging
 import math
+import warnings
 import weakref
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 
 from . import collectives as C
+from . import engine as E
 from . import functional as F
 from . import kernels as K
+from .flat import FlatParams
+from .gradients import GradientBuckets, all_reduce_gradients, grad_problem, take_averaged
 from .layout import DEFAULT_ALIGN, ShardLayout
 
 __all__ = ["ShardedNovoGrad"]
 
 logger = logging.getLogger(__name__)
 
-_LOW_PRECISION = (torch.bfloat16, torch.float16)
 # Default ZeRO-2 bucket sizes, in elements. CPU/gloo: 4 MiB of fp32 gave the fastest
 # steps in launch/benchmark.py (the 50M-parameter MLP: 546 ms against 610 ms with 16 MiB
 # at N=2). CUDA: 32 MiB, the order of DDP's 25 MB buckets (not yet measured here).
 DEFAULT_BUCKET_SIZE = {"cpu": 1 << 20, "cuda": 1 << 23}
 _OWNER = "_sharded_novograd_owner"
+_HYPER_KEYS = ("lr", "betas", "eps", "weight_decay", "grad_averaging", "amsgrad", "reg_inside_moment",
+               "bias_correction", "init_zero", "norm_type")
+
+# GradScaler hands itself to optimizers whose step() takes `grad_scaler` (the only way
+# it lets an optimizer record the inf decision that its update() reads), and warns
+# that this will change; the step below handles both that and the attribute form.
+warnings.filterwarnings("ignore", message="GradScaler is going to stop passing itself", category=FutureWarning)
 
 
 def _wait_hook(owner, ranges, module, args):
@@ -42,133 +59,12 @@ def _hook(owner, layer, p):
         opt._on_grad(layer, p)
 
 
-class _GradientBuckets:
-    """ZeRO-2 gradient reduction, overlapped with backward.
-
-    Each rank's shard is cut into buckets of at most ``bucket_size`` elements, so a
-    bucket has exactly one owner. A post-accumulate-grad hook copies each layer's
-    gradient into the buckets it overlaps and frees ``.grad``; a bucket whose layers
-    have all arrived is reduced asynchronously to its owner. Buckets are sent in one
-    fixed order (descending flat offset, the order backward produces gradients), so
-    every rank issues the same collectives in the same order even when their graphs
-    use different parameters; buckets still incomplete when backward ends are sent
-    then (an end-of-backward callback), or at ``step()`` when no backward ran.
-    At most ``max_in_flight`` buckets are in flight: peak gradient memory is a few
-    buckets plus the shard. Bucket buffers and the shard are reused across steps
-    (fresh large buffers cost a page fault per 4 KiB on CPU).
-    """
-
-    def __init__(self, layout: ShardLayout, rank: int, bucket_size: int, dtype, device, method: str, group,
-                 max_in_flight: int = 2):
-        S = layout.shard_size
-        self.layout, self.rank, self.dtype, self.device = layout, rank, dtype, device
-        self.method, self.group, self.max_in_flight = method, group, max_in_flight
-        self.bucket_len = min(bucket_size, S)
-        self.pool: List[torch.Tensor] = []
-        # This rank's buckets tile its range, so draining them rewrites every element.
-        self.shard_grad = torch.empty(S, dtype=dtype, device=device)
-        self.ranges = [(r * S + lo, min(bucket_size, S - lo), r)  # (flat start, length, owner)
-                       for r in range(layout.world_size) for lo in range(0, S, bucket_size)]
-        # For each layer: (bucket, offset in layer, offset in bucket, numel).
-        self.pieces: List[List[tuple]] = [[] for _ in range(layout.num_layers)]
-        self.members: List[int] = [0] * len(self.ranges)
-        self.contents: List[List[tuple]] = [[] for _ in self.ranges]  # (layer, offset in bucket, numel)
-        for b, (start, n, _) in enumerate(self.ranges):
-            for layer, (off, numel) in enumerate(zip(layout.offsets, layout.numels)):
-                lo, hi = max(off, start), min(off + numel, start + n)
-                if lo < hi:
-                    self.pieces[layer].append((b, lo - off, lo - start, hi - lo))
-                    self.contents[b].append((layer, lo - start, hi - lo))
-                    self.members[b] += 1
-        # Padding inside each bucket: the only part no layer writes.
-        self.gaps = []
-        for b, (start, n, _) in enumerate(self.ranges):
-            end = max((o + k for _, o, k in self.contents[b]), default=0)
-            self.gaps.append((end, n - end) if end < n else None)
-        self.reset()
-
-    def reset(self) -> None:
-        self.peak_elements = 0  # most gradient elements buffered at once, this step
-        self.buffers: Dict[int, torch.Tensor] = {}
-        self.backing: Dict[int, torch.Tensor] = {}
-        self.pending = list(self.members)
-        self.arrived = [False] * self.layout.num_layers
-        self.next_to_send = len(self.ranges) - 1
-        self.in_flight: List[tuple] = []
-
-    def _buffer(self, b: int) -> torch.Tensor:
-        if b not in self.buffers:
-            backing = self.pool.pop() if self.pool else torch.empty(self.bucket_len, dtype=self.dtype,
-                                                                    device=self.device)
-            self.backing[b] = backing
-            # Reused storage: every element is written before the send (layers that
-            # arrive are copied in, the others are zeroed in _send, padding here).
-            self.buffers[b] = backing.narrow(0, 0, self.ranges[b][1])
-            if self.gaps[b] is not None:
-                self.buffers[b].narrow(0, *self.gaps[b]).zero_()
-            self.peak_elements = max(self.peak_elements, sum(t.numel() for t in self.buffers.values()))
-        return self.buffers[b]
-
-    def add(self, layer: int, grad: torch.Tensor) -> None:
-        """Take ``layer``'s gradient (callers check it has not arrived nor been sent);
-        send every bucket that is now next and complete."""
-        flat = grad.detach().reshape(-1)
-        self.arrived[layer] = True
-        # Highest bucket first, sending as we go: a layer larger than a bucket never
-        # has all of its buckets alive at once.
-        for b, off, boff, n in reversed(self.pieces[layer]):
-            self._buffer(b).narrow(0, boff, n).copy_(flat.narrow(0, off, n))
-            self.pending[b] -= 1
-            while self.next_to_send >= 0 and self.pending[self.next_to_send] == 0:
-                self._send(self.next_to_send)
-
-    def _send(self, b: int) -> None:
-        owner = self.ranges[b][2]
-        buf = self._buffer(b)
-        for layer, off, n in self.contents[b]:
-            if not self.arrived[layer]:  # no gradient on this rank: it contributes zeros
-                buf.narrow(0, off, n).zero_()
-        work = C.start_bucket_reduce(buf, owner, self.method, self.group)
-        self.in_flight.append((b, work))
-        self.next_to_send = b - 1
-        while len(self.in_flight) > self.max_in_flight:
-            self._drain()
-
-    def _drain(self) -> None:
-        b, work = self.in_flight.pop(0)
-        work.wait()
-        buf = self.buffers.pop(b)
-        start, n, owner = self.ranges[b]
-        if owner == self.rank:
-            self.shard_grad.narrow(0, start - self.rank * self.layout.shard_size, n).copy_(buf)
-        self.pool.append(self.backing.pop(b))
-
-    def too_late(self, layer: int) -> bool:
-        """Whether a bucket holding ``layer`` was already sent this step."""
-        return any(b > self.next_to_send for b, _, _, _ in self.pieces[layer])
-
-    def started(self) -> bool:
-        return any(self.arrived) or self.next_to_send < len(self.ranges) - 1
-
-    def send_all(self) -> None:
-        while self.next_to_send >= 0:
-            self._send(self.next_to_send)
-
-    def finish(self) -> torch.Tensor:
-        """Send what is left, wait for everything; return this rank's summed gradient shard."""
-        self.send_all()
-        while self.in_flight:
-            self._drain()
-        return self.shard_grad
-
-
 class ShardedNovoGrad(torch.optim.Optimizer):
     r"""NovoGrad whose first moments (and fp32 master weights) are sharded over ranks.
 
     The math is :class:`sharded_novograd.NovoGrad`'s, exactly: the per-layer norms are
     summed from every rank's fragments with one all-reduce of O(L) floats per step.
-    Build it identically on every rank of ``process_group``; do NOT wrap the model in
-    DDP: the optimizer averages gradients (mean over ranks) itself.
+    Build it identically on every rank of ``process_group``.
 
     At construction the trainable parameters (``requires_grad=True``; others are left
     alone) become views of one flat buffer; rank 0's values are broadcast to all
@@ -176,19 +72,28 @@ class ShardedNovoGrad(torch.optim.Optimizer):
     buffer and keeps ``exp_avg`` (and, for bf16/fp16 parameters, fp32 master weights)
     for that range only. Each :meth:`step`:
 
-    1. averages gradients over the group. ZeRO-2: during backward, a hook copies each
-       gradient into shard-aligned buckets and frees ``.grad``; each complete bucket
-       is reduced asynchronously to its owner (see :meth:`no_sync` for accumulation).
-       ZeRO-1: all gradients are all-reduced at ``step()`` and ``.grad`` is kept.
-    2. computes per-layer partial statistics of the shard and all-reduces them in ONE
-       collective, which also decides clipping and overflow for every rank at once,
-    3. updates the replicated per-layer second moments and, with a fused kernel, the
+    1. re-adopts parameters that were moved or replaced since the last step
+       (``model.to(device)``, ``p.data = ...``): their current values are the truth.
+       A change that cannot be exact (dtype, shape) raises on every rank.
+    2. averages gradients over the group, unless someone else did. ZeRO-2: during
+       backward, a hook copies each gradient into shard-aligned buckets and frees
+       ``.grad``; each complete bucket is reduced asynchronously to its owner (see
+       :meth:`no_sync` for accumulation). ZeRO-1: all gradients are all-reduced at
+       ``step()`` and ``.grad`` is kept. A model wrapped in DDP (as HF Trainer,
+       Accelerate and Lightning do) is detected at its first backward: DDP already
+       averaged ``.grad``, so the optimizer takes its fragments with no collective.
+    3. computes per-layer partial statistics of the shard and reduces them with the
+       settings digest and GradScaler's inf flag in ONE collective, which decides
+       overflow, clipping and agreement for every rank at once,
+    4. updates the replicated per-layer second moments and, with a fused kernel, the
        shard's ``exp_avg`` and weights,
-    4. gathers the updated shards into the flat parameter buffer.
+    5. gathers the updated shards into the flat parameter buffer.
 
     A layer whose ``.grad`` is None on every rank is left untouched. A gradient with
-    an inf or NaN on any rank skips the step on every rank, changing nothing
-    (counted in :attr:`skipped_steps`).
+    an inf or NaN on any rank, or whose summed squares overflow, skips the step on
+    every rank, changing nothing (counted in :attr:`skipped_steps`). With
+    ``torch.amp.GradScaler``, ``scaler.step(opt)`` unscales inside the step and every
+    rank takes the same inf decision.
 
     Args:
         params, lr, betas, eps, weight_decay, grad_averaging, amsgrad,
@@ -197,8 +102,12 @@ class ShardedNovoGrad(torch.optim.Optimizer):
         process_group: the data-parallel group (default: None, the world group)
         zero_stage: 1 (gradients all-reduced) or 2 (gradients reduce-scattered) (default: 2)
         max_grad_norm: clip the averaged gradient to this global L2 norm (default: None)
-        fused: kernel choice: None picks Triton on CUDA and torch elsewhere, True
-            demands Triton, False forces torch (default: None)
+        grads_averaged: None detects a DDP-wrapped model at the first backward; True
+            says someone else averages ``.grad`` over the group (DDP), False that the
+            optimizer does (default: None)
+        fused: kernel choice (see :mod:`sharded_novograd.kernels`): None picks Triton on
+            CUDA and the compiled one-pass kernels on CPU where they build, True demands
+            a one-pass kernel, False forces torch (default: None)
         collective_method: ``"auto"``, ``"reduce_scatter"`` or ``"all_reduce"``, see
             :mod:`sharded_novograd.collectives` (default: "auto")
         align: the flat buffer is padded to a multiple of ``world_size * align``
@@ -207,31 +116,43 @@ class ShardedNovoGrad(torch.optim.Optimizer):
             and 2**23 on CUDA (default: None)
     """
 
+    _step_supports_amp_scaling = True
+
     def __init__(self, params: Iterable, lr: float = 1e-3, betas=(0.95, 0.98), eps: float = 1e-8,
                  weight_decay: float = 0.0, *, grad_averaging: bool = False, amsgrad: bool = False,
                  reg_inside_moment: bool = True, bias_correction: bool = False, init_zero: bool = False,
                  norm_type: float = 2, process_group=None, zero_stage: int = 2,
-                 max_grad_norm: Optional[float] = None, fused: Optional[bool] = None,
-                 collective_method: str = "auto", align: int = DEFAULT_ALIGN,
+                 max_grad_norm: Optional[float] = None, grads_averaged: Optional[bool] = None,
+                 fused: Optional[bool] = None, collective_method: str = "auto", align: int = DEFAULT_ALIGN,
                  bucket_size: Optional[int] = None):
         defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
                         weight_decay=weight_decay, grad_averaging=grad_averaging, amsgrad=amsgrad,
                         reg_inside_moment=reg_inside_moment, bias_correction=bias_correction,
                         init_zero=init_zero, norm_type=norm_type)
         F.validate_hyperparameters(defaults)
-        if zero_stage not in (1, 2):
+        if zero_stage not in (1, 2) or isinstance(zero_stage, bool):
             raise ValueError(f"Invalid zero_stage: {zero_stage!r} (expected 1 or 2)")
-        if max_grad_norm is not None and (isinstance(max_grad_norm, bool) or not max_grad_norm > 0):
-            raise ValueError(f"Invalid max_grad_norm: {max_grad_norm!r} (expected None or a float > 0)")
+        if max_grad_norm is not None and (isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, (int, float))
+                                          or not 0 < max_grad_norm < math.inf):
+            raise ValueError(f"Invalid max_grad_norm: {max_grad_norm!r} (expected None or a finite float > 0)")
         if bucket_size is not None and (isinstance(bucket_size, bool) or not isinstance(bucket_size, int)
                                         or bucket_size < 1):
             raise ValueError(f"Invalid bucket_size: {bucket_size!r} (expected None or an int >= 1, in elements)")
         if fused not in (None, True, False):
             raise ValueError(f"Invalid fused: {fused!r} (expected None, True or False)")
+        if grads_averaged not in (None, True, False):
+            raise ValueError(f"Invalid grads_averaged: {grads_averaged!r} (expected None, True or False)")
         if not torch.distributed.is_available() or not torch.distributed.is_initialized():
             raise RuntimeError("ShardedNovoGrad needs an initialized process group: call "
                                "torch.distributed.init_process_group() first (torchrun sets up the environment)")
         super().__init__(params, defaults)
+        seen = set()
+        for gi, group in enumerate(self.param_groups):
+            for j, p in enumerate(group["params"]):
+                if id(p) in seen:
+                    raise ValueError(f"parameter {j} of param group {gi} (shape {tuple(p.shape)}) appears more "
+                                     "than once in params; pass each parameter once")
+                seen.add(id(p))
         norm_types = {2 if g["norm_type"] == 2 else math.inf for g in self.param_groups}
         if len(norm_types) != 1:
             raise ValueError(f"Invalid norm_type: param groups mix {sorted(norm_types)}; "
@@ -247,25 +168,38 @@ class ShardedNovoGrad(torch.optim.Optimizer):
                                     next((p.device for g in self.param_groups for p in g["params"]), None))
         self.rank = C.group_rank(self.process_group)
         self.world_size = C.group_size(self.process_group)
+        # "unknown" until the first backward shows whether DDP averaged the gradients.
+        self._source = {None: "unknown", True: "averaged", False: "own"}[grads_averaged]
+        if bucket_size is None:
+            bucket_size = DEFAULT_BUCKET_SIZE.get(self._first_device().type, DEFAULT_BUCKET_SIZE["cuda"])
+        self.bucket_size = bucket_size if zero_stage == 2 else None
         self._build(align)
-        self._mark_params_synced()
         self._pending_gather: List[tuple] = []  # (flat start, flat end, work) after attach()
         self._attached = False
         self._sync = True
         self._flush_queued = False
-        self._buckets = None
+        self._hooked: Dict[int, Tuple[int, int]] = {}  # layer -> (id, version) of .grad when its hook ran
+        self._reduced_elsewhere = False  # the last backward's gradients were written by DDP
+        self._sync_backwards = 0  # backwards outside no_sync() since the last step
         self._grad_flat = None  # ZeRO-1's gradient buffer, reused across steps
+        self._grad_shard = None  # the shard buffer for gradients averaged elsewhere
+        self._buckets = None
         if zero_stage == 2:
-            if bucket_size is None:
-                bucket_size = DEFAULT_BUCKET_SIZE.get(self.device.type, DEFAULT_BUCKET_SIZE["cuda"])
-            self._buckets = _GradientBuckets(self.layout, self.rank, bucket_size, self.state_dtype, self.device,
-                                             self.method, self.process_group)
-            owner = weakref.ref(self)
-            for i, p in enumerate(self._params):
-                setattr(p, _OWNER, owner)
-                p.register_post_accumulate_grad_hook(functools.partial(_hook, owner, i))
+            self._buckets = GradientBuckets(self.layout, self.rank, bucket_size, self.state_dtype, self.device,
+                                            self.method, self.process_group)
+        owner = weakref.ref(self)
+        for i, p in enumerate(self._params):
+            setattr(p, _OWNER, owner)
+            p.register_post_accumulate_grad_hook(functools.partial(_hook, owner, i))
         self._skipped = 0
         self._grad_norm = float("nan")
+        self._total_norm = None
+
+    def _first_device(self) -> torch.device:
+        for g in self.param_groups:
+            for p in g["params"]:
+                return p.device
+        return torch.device("cpu")
 
     # ------------------------------------------------------------------ set-up
     def add_param_group(self, param_group: dict) -> None:
@@ -279,13 +213,16 @@ class ShardedNovoGrad(torch.optim.Optimizer):
         self._params: List[torch.Tensor] = []
         self._layer_group: List[int] = []
         self._param_index: List[int] = []  # torch state_dict index of each layer
+        self._frozen: List[Tuple[int, int, torch.Tensor]] = []  # (group, index in group, param) not trained
         index = 0
         for gi, group in enumerate(self.param_groups):
-            for p in group["params"]:
+            for j, p in enumerate(group["params"]):
                 if p.requires_grad:
                     self._params.append(p)
                     self._layer_group.append(gi)
                     self._param_index.append(index)
+                else:
+                    self._frozen.append((gi, j, p))
                 index += 1
         if not self._params:
             raise ValueError("ShardedNovoGrad got no parameter with requires_grad=True")
@@ -301,57 +238,70 @@ class ShardedNovoGrad(torch.optim.Optimizer):
             raise ValueError(f"parameters must be floating point, got {first.dtype}")
         if first.is_sparse:
             raise ValueError("ShardedNovoGrad does not support sparse parameters")
-        self.device, self.param_dtype = first.device, first.dtype
+        self.param_dtype = first.dtype
         self.state_dtype = torch.promote_types(first.dtype, torch.float32)
         self.layout = ShardLayout(tuple(tuple(p.shape) for p in self._params), self.world_size, align)
         lines = self.layout.describe() + [f"dtype={self.param_dtype}", f"zero_stage={self.zero_stage}",
-                                          f"norm_type={self.norm_type}", f"method={self.method}"]
+                                          f"norm_type={self.norm_type}", f"method={self.method}",
+                                          f"bucket_size={self.bucket_size}", f"max_grad_norm={self.max_grad_norm}"]
         lines += [f"layer {i}: group={g}" for i, g in enumerate(self._layer_group)]
         self._plan_digest = hashlib.sha256("\n".join(lines).encode()).digest()
-        C.check_same_plan(lines, self._plan_digest, self.process_group, self.device)
+        C.check_same_plan(lines, self._plan_digest, self.process_group, first.device)
 
-        lay, S = self.layout, self.layout.shard_size
-        self._flat = torch.zeros(lay.padded_total, dtype=self.param_dtype, device=self.device)
-        for p, off, n in zip(self._params, lay.offsets, lay.numels):
-            view = self._flat.narrow(0, off, n).view_as(p)
-            view.copy_(p.detach())
-            p.data = view
-        C.broadcast_flat(self._flat, self.process_group, src=0)
-        self._shard = self._flat.narrow(0, self.rank * S, S)
-        if self.param_dtype in _LOW_PRECISION:
-            self._master = self._shard.to(self.state_dtype)
-            self._lowp = self._shard
-        else:
-            self._master, self._lowp = self._shard, None  # fp32 models need no master copy
-        L = lay.num_layers
+        self._store = FlatParams(self._params, self.layout, self.rank, self.process_group)
+        S, L = self.layout.shard_size, self.layout.num_layers
         self._exp_avg = torch.zeros(S, dtype=self.state_dtype, device=self.device)
         self._v = torch.zeros(L, dtype=self.state_dtype, device=self.device)
         self._v_max = torch.zeros(L, dtype=self.state_dtype, device=self.device)
         self._t = torch.zeros(L, dtype=self.state_dtype, device=self.device)
-        self._table = lay.table(self.rank)
+        self._table = self.layout.table(self.rank)
+        self._engine = E.StepEngine(L, self.process_group, self.device, norm_type=self.norm_type,
+                                    state_dtype=self.state_dtype)
         self._hyper_key = None
         self._hyper = None
+        self._digest = b""
         K.use_triton(self._exp_avg, self.fused)  # fail now, not at the first step
         if self.rank == 0:
             logger.info("ShardedNovoGrad: %d layers, %d elements, %d ranks x %d elements, zero_stage=%d, "
-                        "method=%s", L, lay.total, self.world_size, S, self.zero_stage, self.method)
+                        "method=%s", L, self.layout.total, self.world_size, S, self.zero_stage, self.method)
 
-    def _layer_hyper(self) -> F.LayerHyper:
-        keys = ("lr", "betas", "eps", "weight_decay", "grad_averaging", "amsgrad", "reg_inside_moment",
-                "bias_correction", "init_zero", "norm_type")
-        key = tuple(tuple(float(g["lr"]) if k == "lr" else g[k] for k in keys) for g in self.param_groups)
+    # The flat storage, for the state-dict code and checkpoints.
+    device = property(lambda self: self._store.device)
+    _flat = property(lambda self: self._store.flat)
+    _shard = property(lambda self: self._store.shard)
+    _master = property(lambda self: self._store.master)
+    _lowp = property(lambda self: self._store.lowp)
+
+    def _mark_params_synced(self) -> None:
+        self._store.mark_synced()
+
+    def _layer_hyper(self) -> Tuple[Optional[str], Optional[F.LayerHyper]]:
+        """``(problem, hyper)``: the per-layer hyperparameter vectors, rebuilt only when a
+        group's values changed, or the reason they are invalid (raised on every rank)."""
+        key = tuple(tuple(float(g["lr"]) if k == "lr" and _is_number(g["lr"]) else g[k] for k in _HYPER_KEYS)
+                    for g in self.param_groups)
         if key != self._hyper_key:
-            for g in self.param_groups:
-                F.validate_hyperparameters(g)
+            try:
+                for g in self.param_groups:
+                    F.validate_hyperparameters(g)
+            except ValueError as e:
+                return f"{e} (param_groups changed after construction)", None
             self._hyper = F.LayerHyper.from_groups(self.param_groups, self._layer_group,
                                                    self.state_dtype, self.device)
             self._hyper_key = key
-        return self._hyper
+            self._digest_base = E.hyper_text(self.param_groups, _HYPER_KEYS)
+            self._digest = None
+        if self._digest is None:
+            self._digest = E.settings_digest(f"{self._digest_base}\nsource={self._source}\n"
+                                             f"adoptions={self._store.adoptions}")
+        return None, self._hyper
 
     # ------------------------------------------------------------------ stepping
     @property
     def grad_norm(self) -> float:
         """Global L2 norm of the rank-averaged gradient at the last step (before clipping)."""
+        if self._total_norm is not None:
+            self._grad_norm, self._total_norm = float(self._total_norm), None
         return self._grad_norm
 
     @property
@@ -366,8 +316,13 @@ class ShardedNovoGrad(torch.optim.Optimizer):
 
     @property
     def skipped_steps(self) -> int:
-        """Steps skipped on every rank because a gradient held an inf or NaN."""
+        """Steps skipped on every rank because a gradient held an inf or NaN (or overflowed)."""
         return self._skipped
+
+    @property
+    def grads_averaged(self) -> Optional[bool]:
+        """Whether ``.grad`` arrives averaged by someone else (DDP); None until the first backward."""
+        return {"unknown": None, "averaged": True, "own": False}[self._source]
 
     def state_bytes(self) -> int:
         """Bytes of optimizer state held by this rank (shards plus the O(L) vectors)."""
@@ -377,34 +332,63 @@ class ShardedNovoGrad(torch.optim.Optimizer):
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def _on_grad(self, layer: int, p: torch.Tensor) -> None:
-        """Post-accumulate-grad hook (ZeRO-2): hand the gradient to its buckets, free it."""
+        """Post-accumulate-grad hook: note the gradient; ZeRO-2 hands it to its buckets and frees it."""
         g = p.grad
-        if getattr(p, _OWNER, lambda: None)() is not self:
+        if getattr(p, _OWNER, lambda: None)() is not self or g is None:
             return  # a newer ShardedNovoGrad took over this parameter
-        bk = self._buckets
-        if (not self._sync or g is None or bk.arrived[layer] or bk.too_late(layer)
-                or self._grad_problem(layer, p)):
-            return  # step() takes it from .grad, or reports the problem on every rank
         if not self._flush_queued:
-            # Like DDP: when this backward ends, send every bucket still open (layers
-            # unused on this rank contribute zeros), so that all of this step's bucket
-            # collectives are issued inside backward on every rank and cannot pair up
-            # with a collective the caller issues between backward and step().
+            # When this backward ends (after DDP, if any, wrote its averaged gradients),
+            # look at what happened to .grad and send every ZeRO-2 bucket still open.
             torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
             self._flush_queued = True
+        self._hooked[layer] = (id(g), g._version)
+        bk = self._buckets
+        if (bk is None or self._source != "own" or not self._sync or bk.arrived[layer] or bk.too_late(layer)
+                or grad_problem(layer, p)):
+            return  # step() takes it from .grad, or reports the problem on every rank
         bk.add(layer, g)
         p.grad = None
+        del self._hooked[layer]
 
     def _end_of_backward(self) -> None:
+        # Queued again from here: DDP's own end-of-backward callback, queued after
+        # ours, runs in between and writes the averaged gradients.
+        torch.autograd.Variable._execution_engine.queue_callback(self._after_backward)
+
+    def _after_backward(self) -> None:
         self._flush_queued = False
-        self._buckets.send_all()
+        written = False
+        for layer, (gid, version) in self._hooked.items():
+            g = self._params[layer].grad
+            if g is None or id(g) != gid or g._version != version:
+                written = True  # someone reduced the gradients during backward: DDP
+                break
+        self._reduced_elsewhere = written
+        self._sync_backwards += 1 if self._sync else 0
+        if self._source == "unknown" and written:
+            # Otherwise the source stays unknown until step(): a first backward inside
+            # DDP's no_sync() writes nothing either.
+            self._source = "averaged"
+            self._digest = None
+            if self.rank == 0:
+                logger.info("ShardedNovoGrad: the model is wrapped in DDP, which averages the gradients: "
+                            "the optimizer reduces none")
+        if self._source == "own" and self._buckets is not None and self._sync:
+            bk = self._buckets
+            # Like DDP: send every bucket still open (layers unused on this rank
+            # contribute zeros), so that all of this step's bucket collectives are issued
+            # inside backward on every rank and cannot pair up with a collective the
+            # caller issues between backward and step().
+            bk.send_all()
+        self._hooked = {layer: v for layer, v in self._hooked.items() if self._params[layer].grad is not None}
 
     @contextlib.contextmanager
     def no_sync(self):
         """Accumulate gradients locally: inside this context, backward leaves them in ``.grad``.
 
         Wrap all micro-batches but the last; the last backward (outside the context)
-        reduces the accumulated sum, so k micro-batches equal one large batch.
+        reduces the accumulated sum, so k micro-batches equal one large batch. (A model
+        wrapped in DDP accumulates with DDP's own ``no_sync()`` instead.)
         """
         previous, self._sync = self._sync, False
         try:
@@ -419,124 +403,165 @@ class ShardedNovoGrad(torch.optim.Optimizer):
         on all ranks at the same point (as a training loop does).
         """
         super().zero_grad(set_to_none)
+        self._hooked = {}
+        self._sync_backwards = 0
         if self._buckets is not None and self._buckets.started():
             self._buckets.finish()
             self._buckets.reset()
 
-    @staticmethod
-    def _grad_problem(layer: int, p: torch.Tensor) -> Optional[str]:
-        g = p.grad
-        if g.is_sparse:
-            return f"layer {layer} (shape {tuple(p.shape)}) has a sparse gradient; NovoGrad does not support " \
-                   "sparse gradients"
-        if g.shape != p.shape:
-            return f"layer {layer} has a gradient of shape {tuple(g.shape)}, expected {tuple(p.shape)}"
+    def _local_problems(self) -> Optional[str]:
+        """Problems found before any collective: parameters that cannot be re-adopted,
+        parameters unfrozen after construction. Re-adopts moved parameters."""
+        for gi, j, p in self._frozen:
+            if p.requires_grad or p.grad is not None:
+                return (f"parameter {j} of param group {gi} (shape {tuple(p.shape)}) had requires_grad=False when "
+                        "ShardedNovoGrad was built, so it is not part of its fixed layout, but now has "
+                        f"{'a gradient' if p.grad is not None else 'requires_grad=True'}; build the optimizer "
+                        "after choosing which parameters train")
+        moved = self._store.check()
+        if not moved:
+            return None
+        why = self._store.why_not_adoptable(moved)
+        if why is not None:
+            return why
+        old = self.device
+        self._store.adopt()
+        if self.device != old:
+            for name in ("_exp_avg", "_v", "_v_max", "_t"):
+                setattr(self, name, getattr(self, name).to(self.device))
+            if self._buckets is not None:
+                self._buckets = GradientBuckets(self.layout, self.rank, self.bucket_size, self.state_dtype,
+                                                self.device, self.method, self.process_group)
+            self._grad_flat = self._grad_shard = None
+            self._hyper_key = None
+            self._engine = E.StepEngine(self.layout.num_layers, self.process_group, self.device,
+                                        norm_type=self.norm_type, state_dtype=self.state_dtype)
+        self._digest = None
+        if self.rank == 0:
+            logger.warning("ShardedNovoGrad: %d parameters were moved or replaced since the last step "
+                           "(model.to(), p.data = ...); took their current values on %s as the truth",
+                           len(moved), self.device)
         return None
 
-    def _reduce_gradients(self):
+    def _reduce_gradients(self, problem: Optional[str]):
         """This rank's shard of the rank-averaged gradient, the local has-gradient flags
         per layer, and the first local problem found (or None)."""
-        lay, n = self.layout, self.world_size
-        problem = None
+        lay = self.layout
+        if self._source == "unknown":
+            self._source = "own"  # no DDP wrote the gradients of the backwards before this step
+            self._digest = None
+            if self._buckets is not None and self._sync_backwards > 1:
+                problem = problem or ("two backwards ran before step() outside `with optimizer.no_sync():`; with "
+                                      "zero_stage=2, accumulate micro-batches inside no_sync() for all but the "
+                                      "last backward")
+        elif self._source == "own" and self._reduced_elsewhere:
+            problem = problem or (
+                "the gradients were averaged during backward by someone else (the model was wrapped in "
+                "DistributedDataParallel after the optimizer's first step?), and the optimizer would average them "
+                "again: build the optimizer with grads_averaged=True, or wrap the model before the first backward")
+        if self._source == "averaged":
+            if self._grad_shard is None:
+                self._grad_shard = torch.empty(lay.shard_size, dtype=self.state_dtype, device=self.device)
+            shard, has, bad = take_averaged(self._params, lay, self.rank, self._grad_shard)
+            if problem is None and bad is None and any(has) and not self._reduced_elsewhere:
+                bad = ("the last backward's gradients were not averaged by DDP (backward inside DDP's no_sync(), "
+                       "or the model is no longer wrapped in DDP): step() after a backward that DDP reduced")
+            return shard, has, problem or bad
         if self._buckets is None:  # ZeRO-1: all-reduce everything, keep .grad
             if self._grad_flat is None:
                 self._grad_flat = torch.empty(lay.padded_total, dtype=self.state_dtype, device=self.device)
-            flat = self._grad_flat.zero_()
-            has = [0.0] * lay.num_layers
-            for i, (p, off, numel) in enumerate(zip(self._params, lay.offsets, lay.numels)):
-                if p.grad is None:
-                    continue
-                bad = self._grad_problem(i, p)
-                problem = problem or bad
-                if bad is None:
-                    flat.narrow(0, off, numel).copy_(p.grad.reshape(-1))
-                    has[i] = 1.0
-            C.all_reduce_mean(flat, self.process_group)
-            shard = flat.narrow(0, self.rank * lay.shard_size, lay.shard_size)
-        else:  # ZeRO-2: most gradients already left during backward
-            bk = self._buckets
-            for i, p in enumerate(self._params):
-                if p.grad is None:
-                    continue
-                if bk.arrived[i] or bk.too_late(i):
-                    problem = problem or (f"layer {i} received a gradient after backward had already reduced "
-                                          "it (or its bucket): with zero_stage=2, accumulate micro-batches "
-                                          "inside `with optimizer.no_sync():` for all but the last backward, "
-                                          "and assign gradients by hand only before backward or without one")
-                    continue
-                bad = self._grad_problem(i, p)
-                problem = problem or bad
-                if bad is None:
-                    bk.add(i, p.grad)
-            has = [1.0 if a else 0.0 for a in bk.arrived]
-            shard = bk.finish().div_(n)
-        return shard, torch.tensor(has, dtype=self.state_dtype, device=self.device), problem
-
-    def _global_stats(self, shard_grad, has, problem):
-        """Partial statistics of this shard, made global with ONE collective."""
-        L = self.layout.num_layers
-        st = K.partial_stats(shard_grad, self._table, max_abs=self.norm_type != 2,
-                             fused=self.fused).to(self.state_dtype)
-        bad = torch.tensor([1.0 if problem else 0.0], dtype=self.state_dtype, device=self.device)
-        if self.norm_type == 2:
-            vec = torch.cat([st[:L], has, st[2 * L:], bad])
-            C.all_reduce_stats(vec, self.process_group)
-            sumsq, stat, count, flags = vec[:L], vec[:L], vec[L:2 * L], vec[2 * L:]
-        else:
-            every = C.all_gather_stats(torch.cat([st, has, bad]), self.process_group)
-            sumsq, stat = every[:, :L].sum(0), every[:, L:2 * L].amax(0)
-            count, flags = every[:, 2 * L + 1:3 * L + 1].sum(0), every[:, [2 * L, 3 * L + 1]].sum(0)
-        return sumsq, stat, count > 0, flags
+            shard, has, bad = all_reduce_gradients(self._params, lay, self.rank, self._grad_flat, self.process_group)
+            return shard, has, problem or bad
+        bk = self._buckets  # ZeRO-2: most gradients already left during backward
+        for i, p in enumerate(self._params):
+            if p.grad is None:
+                continue
+            if bk.arrived[i] or bk.too_late(i):
+                problem = problem or (
+                    f"layer {i} received a gradient after backward had already reduced it (or its bucket). "
+                    "With zero_stage=2, accumulate micro-batches inside `with optimizer.no_sync():` for all but "
+                    "the last backward. If the model was wrapped in DistributedDataParallel after the first "
+                    "step, build the optimizer with grads_averaged=True (or wrap the model before the first "
+                    "backward, where it is detected)")
+                continue
+            bad = grad_problem(i, p)
+            problem = problem or bad
+            if bad is None:
+                bk.add(i, p.grad)
+        has = [1.0 if a else 0.0 for a in bk.arrived]
+        return bk.finish().div_(self.world_size), has, problem
 
     @torch.no_grad()
-    def step(self, closure: Optional[Callable] = None):
+    def step(self, closure: Optional[Callable] = None, grad_scaler=None):
         """Perform a single optimization step. This needs to be called on all ranks.
 
         Args:
             closure: a closure that re-evaluates the model and returns the loss (default: None)
+            grad_scaler: set by ``torch.amp.GradScaler.step(optimizer)``: the gradients are
+                unscaled inside the step, and the scaler's inf decision is the one all
+                ranks take (default: None)
         """
         self.wait_params()
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        inv_scale, scaler_state = self._scaler_inputs(grad_scaler)
         try:
-            shard_grad, has, problem = self._reduce_gradients()
-            self._update(shard_grad, has, problem)
+            problem = self._local_problems()
+            shard_grad, has, problem = self._reduce_gradients(problem)
+            bad_hyper, hyper = self._layer_hyper()
+            problem = problem or bad_hyper
+            skipped = self._update(shard_grad, has, problem, hyper, inv_scale)
+            if scaler_state is not None:
+                found = torch.full((), 1.0 if skipped else 0.0, dtype=torch.float32, device=grad_scaler._scale.device)
+                scaler_state["found_inf_per_device"] = {found.device: found}
         finally:
+            self._hooked = {}
+            self._sync_backwards = 0
             if self._buckets is not None:
                 self._buckets.reset()
                 for p in self._params:
                     p.grad = None
         return loss
 
-    def _update(self, shard_grad, has, problem) -> None:
-        sumsq, stat, has_grad, flags = self._global_stats(shard_grad, has, problem)
-        nonfinite, bad, any_grad = torch.cat([flags, has_grad.any().to(flags.dtype).view(1)]).tolist()
-        if bad:
-            raise RuntimeError(f"invalid gradient on rank {self.rank}: {problem}; nothing was changed" if problem
-                               else "invalid gradient on another rank (see its error); nothing was changed")
-        if not any_grad:
-            raise RuntimeError("step() called but no parameter has a gradient on any rank: "
-                               "call backward() before step()")
-        if nonfinite:
+    def _scaler_inputs(self, grad_scaler):
+        """``(inv_scale, the scaler's per-optimizer state)`` for a GradScaler step."""
+        scale = getattr(self, "grad_scale", None)
+        if grad_scaler is None:
+            # The attribute form (GradScaler without the keyword): it already decided
+            # found_inf from .grad, which under ZeRO-2 is empty.
+            if scale is not None and self._buckets is not None:
+                raise RuntimeError("torch.amp.GradScaler must pass itself to ShardedNovoGrad.step (as it does for "
+                                   "optimizers whose step() takes grad_scaler): call scaler.step(optimizer)")
+            return (None if scale is None else 1.0 / scale.double()), None
+        from torch.amp.grad_scaler import OptState
+        state = grad_scaler._per_optimizer_states[id(self)]
+        # After an explicit scaler.unscale_(opt), .grad holds unscaled gradients, but
+        # those ZeRO-2 already sent during backward are still scaled.
+        if state["stage"] is OptState.UNSCALED and self._buckets is None:
+            return None, state
+        if state["stage"] is OptState.UNSCALED and self._source != "own":
+            return None, state
+        return 1.0 / grad_scaler._scale.double(), state
+
+    def _update(self, shard_grad, has, problem, hyper, inv_scale) -> bool:
+        """The engine's decisions and the fused update; returns whether the step was skipped."""
+        max_abs = self.norm_type != 2
+        st = K.partial_stats(shard_grad, self._table, max_abs=max_abs, fused=self.fused)
+        L = self.layout.num_layers
+        red = self._engine.reduce(st[:L], torch.tensor(has, dtype=torch.float64), st[2 * L],
+                                  maxabs=st[L:2 * L] if max_abs else None, problem=problem,
+                                  digest=self._digest or b"", inv_scale=inv_scale)
+        if red.skip:
             self._skipped += 1
-            self._grad_norm = float("nan")
+            self._grad_norm, self._total_norm = float("nan"), None
             if self.rank == 0:
-                logger.warning("non-finite gradient: step skipped on every rank (%d so far)", self._skipped)
-            return
-        total = torch.sqrt(torch.where(has_grad, sumsq, torch.zeros_like(sumsq)).sum())
-        gscale = 1.0
-        if self.max_grad_norm is not None:
-            gscale = (self.max_grad_norm / (total + 1e-6)).clamp(max=1.0)
-            stat = stat * (gscale * gscale if self.norm_type == 2 else gscale)
-        v, v_max, t, coeffs = F.layer_update(stat, has_grad, self._v, self._v_max, self._t, self._layer_hyper(),
-                                             norm_type=self.norm_type, gscale=gscale)
-        # In place, so a state_dict() taken earlier stays one consistent (live) view.
-        self._v.copy_(v)
-        self._v_max.copy_(v_max)
-        self._t.copy_(t)
-        self._resync_master()
+                logger.warning("%s: step skipped on every rank (%d so far)", red.reason, self._skipped)
+            return True
+        coeffs = E.plan_update(red, self._v, self._v_max, self._t, hyper, norm_type=self.norm_type,
+                               max_grad_norm=self.max_grad_norm, inv_scale=inv_scale)
+        self._store.resync_master()
         K.fused_update(shard_grad, self._exp_avg, self._master, self._lowp, self._table, coeffs,
                        scratch_grad=True, fused=self.fused)
         if self._attached:
@@ -545,7 +570,8 @@ class ShardedNovoGrad(torch.optim.Optimizer):
         else:
             C.gather_shards(self._flat, self.layout.shard_size, self.method, self.process_group)
             self._mark_params_synced()
-        self._grad_norm = float(total)
+        self._total_norm = red.total_norm
+        return False
 
     # ------------------------------------------------------------------ gather overlap
     def attach(self, module: torch.nn.Module) -> None:
@@ -581,20 +607,6 @@ class ShardedNovoGrad(torch.optim.Optimizer):
         self._pending_gather = keep
         if not keep:
             self._mark_params_synced()
-
-    def _params_version(self) -> int:
-        # Each Parameter keeps its own version counter (p.data was re-pointed to the
-        # flat buffer), so in-place writes through p bump p's, not the buffer's.
-        return self._flat._version + sum(p._version for p in self._params)
-
-    def _mark_params_synced(self) -> None:
-        self._synced_version = self._params_version()
-
-    def _resync_master(self) -> None:
-        """bf16/fp16: if the parameters were written since the last step (say by
-        ``model.load_state_dict``), they are the truth; take the master weights from them."""
-        if self._lowp is not None and self._params_version() != self._synced_version:
-            self._master.copy_(self._shard)
 
     # ------------------------------------------------------------------ state
     def _groups_for_state(self) -> List[Dict]:
@@ -636,11 +648,21 @@ class ShardedNovoGrad(torch.optim.Optimizer):
                                  f"{k}={mine[k]!r}; use sharded_novograd.checkpoint.load to reshard")
         st = state_dict["state"]
         self._check_groups(state_dict["param_groups"])
-        for name, dst in (("exp_avg", self._exp_avg), ("exp_avg_sq", self._v), ("step", self._t),
-                          ("max_exp_avg_sq", self._v_max)):
+        pairs = [("exp_avg", self._exp_avg), ("exp_avg_sq", self._v), ("step", self._t),
+                 ("max_exp_avg_sq", self._v_max)]
+        if self._lowp is not None and "master_weight" in st:
+            pairs.append(("master_weight", self._master))
+        for name, dst in pairs:  # every check before any write
+            t = st.get(name)
+            if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(dst.shape) or not t.dtype.is_floating_point:
+                got = (f"shape {tuple(t.shape)}, dtype {t.dtype}" if isinstance(t, torch.Tensor)
+                       else type(t).__name__)
+                raise ValueError(f"state dict entry {name!r} has {got}; this optimizer expects shape "
+                                 f"{tuple(dst.shape)} (floating point); nothing was loaded")
+        for name, dst in pairs:
             dst.copy_(st[name])
-        if self._lowp is not None:
-            self._master.copy_(st["master_weight"] if "master_weight" in st else self._shard)
+        if self._lowp is not None and "master_weight" not in st:
+            self._master.copy_(self._shard)
         self._mark_params_synced()
         self._skipped = int(st.get("skipped_steps", 0))
         self._load_groups(state_dict["param_groups"])
@@ -736,3 +758,7 @@ class ShardedNovoGrad(torch.optim.Optimizer):
             vmax[i] = float(st.get("max_exp_avg_sq", st["exp_avg_sq"]))
             t[i] = float(st["step"])
         return exp_avg, v, vmax, t
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) or (isinstance(x, torch.Tensor) and x.numel() == 1)

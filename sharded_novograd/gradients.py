@@ -1,0 +1,196 @@
+"""Where ShardedNovoGrad's averaged gradient shard comes from.
+
+Three gradient sources feed the step engine the same thing: this rank's shard of the
+rank-averaged gradient, which layers have a gradient here, and the first local problem:
+
+- ZeRO-1 (:func:`all_reduce_gradients`): every ``.grad`` is all-reduced at ``step()``.
+- ZeRO-2 (:class:`GradientBuckets`): during backward, shard-aligned buckets are reduced
+  to their owners as they fill.
+- Averaged by someone else (:func:`take_averaged`): DDP (which HF Trainer, Accelerate
+  and Lightning wrap the model in) already averaged ``.grad`` during backward; the
+  optimizer only copies its own fragments, with no gradient collective.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from . import collectives as C
+from .layout import ShardLayout
+
+__all__ = ["GradientBuckets", "all_reduce_gradients", "take_averaged", "grad_problem"]
+
+
+def grad_problem(layer: int, p: torch.Tensor) -> Optional[str]:
+    """Why ``p.grad`` cannot be used for ``layer``, or None."""
+    g = p.grad
+    if g.is_sparse:
+        return f"layer {layer} (shape {tuple(p.shape)}) has a sparse gradient; NovoGrad does not support " \
+               "sparse gradients"
+    if g.shape != p.shape:
+        return f"layer {layer} has a gradient of shape {tuple(g.shape)}, expected {tuple(p.shape)}"
+    return None
+
+
+def all_reduce_gradients(params: Sequence[torch.Tensor], layout: ShardLayout, rank: int, buf: torch.Tensor,
+                         group):
+    """ZeRO-1: average every ``.grad`` over the group into ``buf`` (padded_total elements);
+    returns ``(shard view, has-gradient flags, first problem)``. This needs to be called on all ranks."""
+    flat = buf.zero_()
+    has = [0.0] * layout.num_layers
+    problem = None
+    for i, (p, off, numel) in enumerate(zip(params, layout.offsets, layout.numels)):
+        if p.grad is None:
+            continue
+        bad = grad_problem(i, p)
+        problem = problem or bad
+        if bad is None:
+            flat.narrow(0, off, numel).copy_(p.grad.reshape(-1))
+            has[i] = 1.0
+    C.all_reduce_mean(flat, group)
+    return flat.narrow(0, rank * layout.shard_size, layout.shard_size), has, problem
+
+
+def take_averaged(params: Sequence[torch.Tensor], layout: ShardLayout, rank: int, shard: torch.Tensor):
+    """Gradients already averaged over the group (DDP): copy this rank's fragments of
+    ``.grad`` into ``shard``; returns ``(shard, has-gradient flags, first problem)``. No collective."""
+    has = [0.0] * layout.num_layers
+    problem = None
+    for i, p in enumerate(params):
+        if p.grad is not None:
+            bad = grad_problem(i, p)
+            problem = problem or bad
+            has[i] = 0.0 if bad else 1.0
+    covered = 0
+    for f in layout.fragments[rank]:
+        dst = shard.narrow(0, f.offset_in_shard, f.numel)
+        p = params[f.layer]
+        if has[f.layer]:
+            dst.copy_(p.grad.reshape(-1).narrow(0, f.offset_in_layer, f.numel))
+        else:
+            dst.zero_()
+        covered = max(covered, f.offset_in_shard + f.numel)
+    shard.narrow(0, covered, shard.numel() - covered).zero_()
+    return shard, has, problem
+
+
+class GradientBuckets:
+    """ZeRO-2 gradient reduction, overlapped with backward.
+
+    Each rank's shard is cut into buckets of at most ``bucket_size`` elements, so a
+    bucket has exactly one owner. A post-accumulate-grad hook copies each layer's
+    gradient into the buckets it overlaps and frees ``.grad``; a bucket whose layers
+    have all arrived is reduced asynchronously to its owner. Buckets are sent in one
+    fixed order (descending flat offset, the order backward produces gradients), so
+    every rank issues the same collectives in the same order even when their graphs
+    use different parameters; buckets still incomplete when backward ends are sent
+    then (an end-of-backward callback), or at ``step()`` when no backward ran.
+    At most ``max_in_flight`` buckets are in flight: peak gradient memory is a few
+    buckets plus the shard. Bucket buffers and the shard are reused across steps
+    (fresh large buffers cost a page fault per 4 KiB on CPU).
+    """
+
+    def __init__(self, layout: ShardLayout, rank: int, bucket_size: int, dtype, device, method: str, group,
+                 max_in_flight: int = 2):
+        S = layout.shard_size
+        self.layout, self.rank, self.dtype, self.device = layout, rank, dtype, device
+        self.method, self.group, self.max_in_flight = method, group, max_in_flight
+        self.bucket_len = min(bucket_size, S)
+        self.pool: List[torch.Tensor] = []
+        # This rank's buckets tile its range, so draining them rewrites every element.
+        self.shard_grad = torch.empty(S, dtype=dtype, device=device)
+        self.ranges = [(r * S + lo, min(bucket_size, S - lo), r)  # (flat start, length, owner)
+                       for r in range(layout.world_size) for lo in range(0, S, bucket_size)]
+        # For each layer: (bucket, offset in layer, offset in bucket, numel).
+        self.pieces: List[List[tuple]] = [[] for _ in range(layout.num_layers)]
+        self.members: List[int] = [0] * len(self.ranges)
+        self.contents: List[List[tuple]] = [[] for _ in self.ranges]  # (layer, offset in bucket, numel)
+        for b, (start, n, _) in enumerate(self.ranges):
+            for layer, (off, numel) in enumerate(zip(layout.offsets, layout.numels)):
+                lo, hi = max(off, start), min(off + numel, start + n)
+                if lo < hi:
+                    self.pieces[layer].append((b, lo - off, lo - start, hi - lo))
+                    self.contents[b].append((layer, lo - start, hi - lo))
+                    self.members[b] += 1
+        # Padding inside each bucket: the only part no layer writes.
+        self.gaps = []
+        for b, (start, n, _) in enumerate(self.ranges):
+            end = max((o + k for _, o, k in self.contents[b]), default=0)
+            self.gaps.append((end, n - end) if end < n else None)
+        self.reset()
+
+    def reset(self) -> None:
+        self.peak_elements = 0  # most gradient elements buffered at once, this step
+        self.buffers: Dict[int, torch.Tensor] = {}
+        self.backing: Dict[int, torch.Tensor] = {}
+        self.pending = list(self.members)
+        self.arrived = [False] * self.layout.num_layers
+        self.next_to_send = len(self.ranges) - 1
+        self.in_flight: List[tuple] = []
+
+    def _buffer(self, b: int) -> torch.Tensor:
+        if b not in self.buffers:
+            backing = self.pool.pop() if self.pool else torch.empty(self.bucket_len, dtype=self.dtype,
+                                                                    device=self.device)
+            self.backing[b] = backing
+            # Reused storage: every element is written before the send (layers that
+            # arrive are copied in, the others are zeroed in _send, padding here).
+            self.buffers[b] = backing.narrow(0, 0, self.ranges[b][1])
+            if self.gaps[b] is not None:
+                self.buffers[b].narrow(0, *self.gaps[b]).zero_()
+            self.peak_elements = max(self.peak_elements, sum(t.numel() for t in self.buffers.values()))
+        return self.buffers[b]
+
+    def add(self, layer: int, grad: torch.Tensor) -> None:
+        """Take ``layer``'s gradient (callers check it has not arrived nor been sent);
+        send every bucket that is now next and complete."""
+        flat = grad.detach().reshape(-1)
+        self.arrived[layer] = True
+        # Highest bucket first, sending as we go: a layer larger than a bucket never
+        # has all of its buckets alive at once.
+        for b, off, boff, n in reversed(self.pieces[layer]):
+            self._buffer(b).narrow(0, boff, n).copy_(flat.narrow(0, off, n))
+            self.pending[b] -= 1
+            while self.next_to_send >= 0 and self.pending[self.next_to_send] == 0:
+                self._send(self.next_to_send)
+
+    def _send(self, b: int) -> None:
+        owner = self.ranges[b][2]
+        buf = self._buffer(b)
+        for layer, off, n in self.contents[b]:
+            if not self.arrived[layer]:  # no gradient on this rank: it contributes zeros
+                buf.narrow(0, off, n).zero_()
+        work = C.start_bucket_reduce(buf, owner, self.method, self.group)
+        self.in_flight.append((b, work))
+        self.next_to_send = b - 1
+        while len(self.in_flight) > self.max_in_flight:
+            self._drain()
+
+    def _drain(self) -> None:
+        b, work = self.in_flight.pop(0)
+        work.wait()
+        buf = self.buffers.pop(b)
+        start, n, owner = self.ranges[b]
+        if owner == self.rank:
+            self.shard_grad.narrow(0, start - self.rank * self.layout.shard_size, n).copy_(buf)
+        self.pool.append(self.backing.pop(b))
+
+    def too_late(self, layer: int) -> bool:
+        """Whether a bucket holding ``layer`` was already sent this step."""
+        return any(b > self.next_to_send for b, _, _, _ in self.pieces[layer])
+
+    def started(self) -> bool:
+        return any(self.arrived) or self.next_to_send < len(self.ranges) - 1
+
+    def send_all(self) -> None:
+        while self.next_to_send >= 0:
+            self._send(self.next_to_send)
+
+    def finish(self) -> torch.Tensor:
+        """Send what is left, wait for everything; return this rank's summed gradient shard."""
+        self.send_all()
+        while self.in_flight:
+            self._drain()
+        return self.shard_grad
