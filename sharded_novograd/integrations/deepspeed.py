@@ -431,7 +431,10 @@ def _refuse_config(config: Dict) -> None:
     if not isinstance(zero, dict):
         return
     if int(zero.get("stage", 0) or 0) >= 3:
-        _refuse('"zero_optimization": {"stage": 3}', "ZeRO-3 is not supported yet; use stage 0, 1 or 2")
+        _refuse('"zero_optimization": {"stage": 3}', "ZeRO-3 steps the optimizer once per sub-group of flat "
+                "partitions and publishes no fragment map, so the layer-wise norms cannot be made exact; to shard "
+                "the weights too, use FSDP2 (torch.distributed.fsdp.fully_shard) with sharded_novograd.NovoGrad("
+                "model.parameters()), exact with one all-reduce per step (docs/fsdp2.md), or ZeRO stage 0, 1 or 2")
     _refuse_zero_flags(bool(zero.get("round_robin_gradients", False)), bool(zero.get("elastic_checkpoint", False)))
 
 
@@ -458,7 +461,10 @@ def _bind_engine(engine, opt: DeepSpeedNovoGrad) -> None:
     stage = engine.zero_optimization_stage()
     wrapper = engine.optimizer
     if stage >= 3:
-        _refuse('"zero_optimization": {"stage": 3}', "ZeRO-3 is not supported yet; use stage 0, 1 or 2")
+        _refuse('"zero_optimization": {"stage": 3}', "ZeRO-3 steps the optimizer once per sub-group of flat "
+                "partitions and publishes no fragment map, so the layer-wise norms cannot be made exact; to shard "
+                "the weights too, use FSDP2 (torch.distributed.fsdp.fully_shard) with sharded_novograd.NovoGrad("
+                "model.parameters()), exact with one all-reduce per step (docs/fsdp2.md), or ZeRO stage 0, 1 or 2")
     if wrapper is opt or (isinstance(wrapper, FP16_UnfusedOptimizer) and wrapper.optimizer is opt):
         return  # stage 0: whole tensors, the reference step is exact
     if isinstance(wrapper, DeepSpeedZeroOptimizer):
