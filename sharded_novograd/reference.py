@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from typing import Callable, Iterable, Optional
 
 import torch
@@ -120,6 +121,13 @@ class NovoGrad(torch.optim.Optimizer):
         bias_correction: apply Adam-style bias correction (default: False)
         init_zero: start the second moment at 0 rather than at the first norm (default: False)
         norm_type: 2 or ``float("inf")`` (default: 2)
+        max_grad_norm: clip the gradient to this global L2 norm inside ``step()``, as
+            ``torch.nn.utils.clip_grad_norm_`` would; DTensor parameters only (default: None)
+
+    DTensor parameters (a model sharded by ``fully_shard`` and/or ``parallelize_module``)
+    take the same update, made exact across ranks with one collective per step (see
+    ``sharded_novograd.dtensor`` and docs/fsdp2.md); ``step()`` must then be called on
+    every rank of their mesh.
 
     State per parameter: ``step``, ``exp_avg``, ``exp_avg_sq`` (0-dim: ``v`` above,
     the squared norm for norm_type 2) and ``max_exp_avg_sq`` with amsgrad.
@@ -128,7 +136,7 @@ class NovoGrad(torch.optim.Optimizer):
     def __init__(self, params: Iterable, lr: float = 1e-3, betas=(0.95, 0.98), eps: float = 1e-8,
                  weight_decay: float = 0.0, *, grad_averaging: bool = False, amsgrad: bool = False,
                  reg_inside_moment: bool = True, bias_correction: bool = False, init_zero: bool = False,
-                 norm_type: float = 2):
+                 norm_type: float = 2, max_grad_norm: Optional[float] = None):
         defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
                         weight_decay=weight_decay, grad_averaging=grad_averaging, amsgrad=amsgrad,
                         reg_inside_moment=reg_inside_moment, bias_correction=bias_correction,
@@ -136,6 +144,10 @@ class NovoGrad(torch.optim.Optimizer):
         F.validate_hyperparameters(defaults)
         self._layers_given = []
         super().__init__(params, defaults)
+        self.max_grad_norm = max_grad_norm
+        if max_grad_norm is not None:
+            from . import dtensor
+            dtensor.check_max_grad_norm(max_grad_norm, self.param_groups)
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
@@ -169,11 +181,17 @@ class NovoGrad(torch.optim.Optimizer):
         Args:
             closure: a closure that re-evaluates the model and returns the loss (default: None)
         """
-        _refuse_flattened_layers(self)
+        deepspeed_step = _deepspeed_step(self)
+        if deepspeed_step is not None:
+            return deepspeed_step.step(self, closure)
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if _holds_dtensors(self.param_groups):
+            from . import dtensor
+            dtensor.step(self)
+            return loss
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
@@ -217,17 +235,33 @@ class NovoGrad(torch.optim.Optimizer):
             F.update_tensor(p.grad.to(p.dtype), state["exp_avg"], p, rows[i])
 
 
-def _refuse_flattened_layers(optimizer: NovoGrad) -> None:
-    # DeepSpeed ZeRO-1/2 and its BF16_Optimizer swap each param group for one flat
-    # partition cut at arbitrary offsets, and mark every parameter it took with
-    # `_hp_mapping` (ZeRO-3: `ds_id`). Per-layer norms over such a partition are wrong.
+def _holds_dtensors(param_groups) -> bool:
+    # No DTensor exists before torch.distributed.tensor is imported: the plain path never imports it.
+    mod = sys.modules.get("torch.distributed.tensor")
+    return mod is not None and any(isinstance(p, mod.DTensor) for g in param_groups for p in g["params"])
+
+
+def _deepspeed_step(optimizer: NovoGrad):
+    """What steps ``optimizer`` inside a DeepSpeed engine, or None for the plain step.
+
+    DeepSpeed ZeRO-1/2 and its BF16_Optimizer swap each param group for one flat
+    partition cut at arbitrary offsets, and mark every parameter it took with
+    ``_hp_mapping`` (ZeRO-3: ``ds_id``). Per-layer norms over such a partition would be
+    wrong, so the first step there binds the optimizer to DeepSpeed's fragment map
+    (sharded_novograd.integrations.deepspeed), which steps it from then on. DeepSpeed's
+    stage-0 fp16/bf16 wrappers also step once at construction with zero gradients, a
+    step the reference never takes. Without DeepSpeed imported this is one dict lookup.
+    """
+    import sys
+
+    binding = optimizer.__dict__.get("_deepspeed_binding")
+    if binding is not None or "deepspeed" not in sys.modules:
+        return binding
     given = getattr(optimizer, "_layers_given", ())
-    if not any(hasattr(p, "_hp_mapping") or hasattr(p, "ds_id") for p in given):
-        return
-    current = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    if any(id(p) not in current for p in given):
-        raise RuntimeError(
-            "NovoGrad is being stepped on DeepSpeed's flattened ZeRO partition, where its per-layer "
-            "norms would silently span several layers or part of one. Build the engine with "
-            "sharded_novograd.integrations.deepspeed.initialize(...) instead of deepspeed.initialize(...): "
-            "it makes the update exact under ZeRO stages 0, 1 and 2.")
+    marked = any(hasattr(p, "_hp_mapping") or hasattr(p, "ds_id") for p in given)
+    current = {id(p) for group in optimizer.param_groups for p in group["params"]} if marked else ()
+    flattened = marked and any(id(p) not in current for p in given)
+    if not flattened and optimizer.state:
+        return None
+    from .integrations import deepspeed as ds  # DeepSpeed is imported: this imports nothing else heavy
+    return ds.bind_on_step(optimizer, flattened)
