@@ -101,6 +101,7 @@ def _library_params(shapes, seed=5):
     return [torch.nn.Parameter(torch.randn(s, generator=gen, dtype=torch.float64)) for s in shapes]
 
 
+@pytest.mark.timeout(60)
 def test_loads_nemo_and_torch_optimizer_state_dicts():
     """Check that a NeMo / torch-optimizer state dict loads into NovoGrad and continues
     their trajectory (it used to fail at step() with KeyError: 'norm_type', because
@@ -198,6 +199,7 @@ def _bad_state_dicts():
     ]
 
 
+@pytest.mark.timeout(60)
 def test_load_state_dict_checks_every_tensor_before_writing():
     """Check that a state dict with a wrongly sized, typed or missing tensor (or an invalid
     group) is refused naming the parameter and key, with nothing changed (it used to be
