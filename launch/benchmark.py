@@ -298,7 +298,7 @@ class TorchZeroNovoGrad(DDPNovoGrad):
 
 
 class FSDP2NovoGrad(Variant):
-    name, label = "fsdp2_novograd", "FSDP2 (fully_shard) + NovoGrad on DTensor parameters"
+    name, label = "fsdp2_novograd", "FSDP2 (fully_shard) + sharded_novograd.NovoGrad on its DTensor parameters"
 
     def setup(self):
         from torch.distributed.device_mesh import init_device_mesh
@@ -362,6 +362,13 @@ class FSDP2LocalNovoGrad(FSDP2NovoGrad):
         self.before_step()
         self.opt.step()
         return float(loss)
+
+
+class FSDP2AdamW(FSDP2NovoGrad):
+    name, label = "fsdp2_adamw", "FSDP2 (fully_shard) + torch AdamW (foreach) on its DTensor parameters"
+
+    def make_optimizer(self):
+        return torch.optim.AdamW(self.params, foreach=True, **ADAMW_HP)
 
 
 def _deepspeed_config(spec, optimizer: Dict, dtype: str) -> Dict:
@@ -462,10 +469,10 @@ class ShardedZero1(Sharded):
     name, label, stage = "sharded_zero1", "ShardedNovoGrad zero_stage=1", 1
 
 
-VARIANTS: Dict[str, type] = {v.name: v for v in (DDPNovoGrad, TorchZeroNovoGrad, FSDP2NovoGrad, FSDP2LocalNovoGrad,
+VARIANTS: Dict[str, type] = {v.name: v for v in (DDPNovoGrad, TorchZeroNovoGrad, FSDP2NovoGrad, FSDP2AdamW, FSDP2LocalNovoGrad,
                                                   DeepSpeedAdamW, DeepSpeedNovoGrad, ShardedZero1, Sharded)}
 # Variants whose math is not NovoGrad's: their distance from the reference means nothing.
-OTHER_ALGORITHM = {"deepspeed_zero2_adamw"}
+OTHER_ALGORITHM = {"deepspeed_zero2_adamw", "fsdp2_adamw"}
 
 
 # ---------------------------------------------------------------- running
@@ -604,6 +611,8 @@ def to_rows(records: List[Dict], world: int, device: str) -> List[Dict]:
     rows = []
     base = {r["model"]: _quantiles(r["step_times"])[1] for r in records
             if r["variant"] == BASELINE and "error" not in r}
+    fsdp_adamw = {r["model"]: _quantiles(r["step_times"])[1] for r in records
+                  if r["variant"] == "fsdp2_adamw" and "error" not in r}
 
     def row(rec, metric, q, note=""):
         rows.append({"variant": rec["variant"], "model": rec["model"], "world_size": world, "metric": metric,
@@ -619,6 +628,9 @@ def to_rows(records: List[Dict], world: int, device: str) -> List[Dict]:
         b = base.get(rec["model"])
         row(rec, "step_time_ratio_vs_" + BASELINE, ("", st[1] / b if b else float("nan"), ""),
             "ratio of medians")
+        if rec["variant"] == "fsdp2_novograd" and fsdp_adamw.get(rec["model"]):
+            row(rec, "step_time_ratio_vs_fsdp2_adamw", ("", st[1] / fsdp_adamw[rec["model"]], ""),
+                "ratio of medians, same run")
         row(rec, "opt_state_bytes", _quantiles(rec["state_bytes"]), "quantiles over ranks")
         pred = rec.get("predicted_state_bytes")
         if pred is not None:
@@ -778,6 +790,11 @@ def markdown_tables(runs: List[Dict]) -> str:
                 out.append(f"| {label} | {p50 * 1e3:.1f} [{p20 * 1e3:.1f}, {p80 * 1e3:.1f}] | {ratio} | {state} | "
                            f"{rss} | {comm} | {diff} |")
             out.append("")
+            fsdp = {r["variant"]: _quantiles(r["step_times"])[1] for r in recs
+                    if r["variant"] in ("fsdp2_novograd", "fsdp2_adamw") and "error" not in r}
+            if len(fsdp) == 2:
+                out.append(f"FSDP2 + sharded_novograd.NovoGrad / FSDP2 + torch AdamW, median step time: "
+                           f"{fsdp['fsdp2_novograd'] / fsdp['fsdp2_adamw']:.2f}x\n")
             out.append("Collectives in one steady-state step (rank 0):\n")
             for r in recs:
                 if "error" in r:
