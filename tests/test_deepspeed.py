@@ -1,4 +1,10 @@
-"""sharded_novograd.integrations.deepspeed against the single-process NovoGrad, on gloo ranks.
+"""NovoGrad inside DeepSpeed engines against the single-process NovoGrad, on gloo ranks.
+
+Two routes build the engine: plain ``deepspeed.initialize(optimizer=NovoGrad(...))``, as
+accelerate and HF Trainer call it (NovoGrad binds itself to DeepSpeed's fragment map at
+its first step), and the convenience wrapper sharded_novograd.integrations.deepspeed.
+initialize (config-defined NovoGrad, binding at initialize), also with
+``deepspeed.initialize`` replaced by the wrapper.
 
 DeepSpeed runs on its CPU accelerator over the gloo group that tests/distributed.py
 already initialized (deepspeed.init_distributed adopts an initialized torch.distributed).
@@ -72,11 +78,20 @@ def build(seed=0):
     return Net()
 
 
-def groups(net):
-    """Weights (decayed) and biases/norms in two groups with their own learning rates."""
+def groups(net, norms=None):
+    """Weights (decayed) and biases/norms in two groups with their own learning rates
+    (and, with ``norms``, their own norm_type)."""
     decay = [net.fc1.weight, net.fc2.weight, net.gain]
     rest = [net.fc1.bias, net.norm.weight, net.norm.bias, net.fc2.bias]
-    return [{"params": decay, "lr": 0.02, "weight_decay": 0.01}, {"params": rest, "lr": 0.01, "weight_decay": 0.0}]
+    out = [{"params": decay, "lr": 0.02, "weight_decay": 0.01}, {"params": rest, "lr": 0.01, "weight_decay": 0.0}]
+    for g, n in zip(out, norms or ()):
+        g["norm_type"] = n
+    return out
+
+
+def is_bound(opt):
+    """Whether NovoGrad steps DeepSpeed's partitions through their fragment map."""
+    return opt.__dict__.get("_deepspeed_binding") is not None
 
 
 def batch(rank, step, micro):
@@ -107,31 +122,44 @@ def json_config(name, **overrides):
     return cfg
 
 
+def plain_config(stage, **kw):
+    """A config for plain deepspeed.initialize with a client optimizer (DeepSpeed asks for the flag)."""
+    return base_config(stage, zero_allow_untested_optimizer=True, **kw)
+
+
 # name: (how the optimizer is given, config, NovoGrad kwargs for the object/callable routes, options)
+# Routes: "plain" is deepspeed.initialize(optimizer=NovoGrad(...)); "patched" the same call
+# with deepspeed.initialize replaced by the wrapper; the others go through the wrapper.
 # Options: "capture": feed the reference the recorded gradients (low precision);
-# "ref_clip": max norm the independent reference clips to; "steps": iterations (default STEPS).
+# "ref_clip": max norm the independent reference clips to; "steps": iterations (default STEPS);
+# "norms": per-group norm_type.
 # The fp16 run starts at loss scale 2**17, which overflows until DeepSpeed has halved it
 # twice: those iterations are skipped and must not touch NovoGrad's state.
 HP = dict(lr=0.02, weight_decay=0.01)
+APEX = dict(lr=0.02, weight_decay=0.05, reg_inside_moment=False, bias_correction=True, grad_averaging=True)
 CASES = {
     "zero0_fp32_json": ("config", json_config("ds_zero0.json"), None, {"ref_clip": 1.0}),
     "zero1_fp32_json_gas": ("config", json_config("ds_zero1.json"), None, {"ref_clip": 1.0}),
     "zero2_fp32_json_args": ("args", json_config("ds_zero2.json"), None, {"ref_clip": 1.0}),
     "zero1_fp32_clip_callable": ("callable", base_config(1, gas=2, clip=0.05), HP, {"ref_clip": 0.05}),
-    "zero2_fp32_apex_linf": ("object", base_config(2), dict(lr=0.02, weight_decay=0.05, reg_inside_moment=False,
-                                                            bias_correction=True, grad_averaging=True,
-                                                            norm_type=math.inf), {}),
-    "zero2_fp32_amsgrad_offload": ("object", base_config(2, zero_force_ds_cpu_optimizer=False, zero_optimization={
+    "patched_zero2_fp32_apex_linf": ("patched", base_config(2), dict(APEX, norm_type=math.inf), {}),
+    "plain_zero1_fp32_gas_clip": ("plain", plain_config(1, gas=2, clip=0.05), HP, {"ref_clip": 0.05}),
+    "plain_zero2_fp32": ("plain", plain_config(2), HP, {}),
+    "plain_zero2_fp32_amsgrad_offload": ("plain", plain_config(2, zero_force_ds_cpu_optimizer=False, zero_optimization={
         "stage": 2, "offload_optimizer": {"device": "cpu"}}), dict(HP, amsgrad=True, init_zero=True), {}),
     "zero2_bf16_json": ("config", json_config("ds_zero2_bf16.json"), None, {"capture": True}),
-    "zero1_bf16_fp32_accum": ("object", base_config(1, clip=0.1, bf16={"enabled": True},
-                                                    data_types={"grad_accum_dtype": "fp32"}), HP, {"capture": True}),
+    "plain_zero2_bf16_apex_mixed_norms": ("plain", plain_config(2, bf16={"enabled": True}), APEX,
+                                          {"capture": True, "norms": (math.inf, 2)}),
+    "plain_zero1_bf16_fp32_accum_mixed_norms": ("plain", plain_config(1, clip=0.1, bf16={"enabled": True},
+                                                                      data_types={"grad_accum_dtype": "fp32"}),
+                                                HP, {"capture": True, "norms": (2, math.inf)}),
     "zero0_bf16": ("object", base_config(0, bf16={"enabled": True}), HP, {"capture": True}),
-    "zero2_fp16_loss_scale": ("object", base_config(2, clip=0.5, fp16={
+    "plain_zero0_bf16": ("plain", plain_config(0, bf16={"enabled": True}), HP, {"capture": True}),
+    "plain_zero2_fp16_loss_scale": ("plain", plain_config(2, clip=0.5, fp16={
         "enabled": True, "initial_scale_power": 17, "hysteresis": 1, "loss_scale_window": 1000}), HP,
         {"capture": True, "steps": STEPS + 2}),
 }
-WORLD_CASES = {2: list(CASES), 3: [c for c in CASES if "offload" not in c]}
+WORLD_CASES = {2: list(CASES), 3: [c for c in CASES if "offload" not in c and "zero0" not in c]}
 
 
 def setup_rank(rank, world):
@@ -148,10 +176,17 @@ def setup_rank(rank, world):
         acc.is_fp16_supported = lambda: True
 
 
-def make_engine(how, config, hp, model, model_parameters=None, plain=False):
-    params = model_parameters if model_parameters is not None else groups(model)
-    if plain:
+def make_engine(how, config, hp, model, model_parameters=None, norms=None):
+    params = model_parameters if model_parameters is not None else groups(model, norms)
+    if how == "plain":
         return deepspeed.initialize(model=model, optimizer=NovoGrad(params, **hp), config=config)[:2]
+    if how == "patched":  # the obvious monkeypatch must not recurse
+        genuine = deepspeed.initialize
+        deepspeed.initialize = sn_deepspeed.initialize
+        try:
+            return deepspeed.initialize(model=model, optimizer=NovoGrad(params, **hp), config=config)[:2]
+        finally:
+            deepspeed.initialize = genuine
     if how == "config":
         return sn_deepspeed.initialize(model=model, model_parameters=params, config=config)[:2]
     if how == "args":  # the config path in a launcher's argparse namespace
@@ -231,11 +266,12 @@ def run_case(rank, world, name):
     """Train one configuration for STEPS optimizer steps next to its reference; return error ratios."""
     how, config, hp, opts = CASES[name]
     net = build()
-    engine, _ = make_engine(how, config, hp, net)
+    engine, _ = make_engine(how, config, hp, net, norms=opts.get("norms"))
     opt = engine.basic_optimizer
     gas = engine.gradient_accumulation_steps()
     lowp = engine.module.fc1.weight.dtype
-    out = {"bound": opt.is_bound, "state_after_init": len(opt.state), "wrapper": type(engine.optimizer).__name__}
+    out = {"state_after_init": len(opt.state), "wrapper": type(engine.optimizer).__name__,
+           "optimizer": type(opt).__name__}
 
     ref_net = build()
     for p, q in zip(ref_net.parameters(), engine.module.parameters()):
@@ -248,7 +284,7 @@ def run_case(rank, world, name):
                       for g in groups(ref_net)]
         ref = NovoGrad(ref_groups, **ref_hp)
     else:
-        ref = NovoGrad(groups(ref_net), **hp)
+        ref = NovoGrad(groups(ref_net, opts.get("norms")), **hp)
     ref_of = {id(p): q for p, q in zip(engine.module.parameters(), ref_net.parameters())}
 
     records = []
@@ -291,6 +327,7 @@ def run_case(rank, world, name):
         ref.step()
     out["skipped"] = skipped
     out["engine_skipped"] = engine.skipped_steps
+    out["bound"] = is_bound(opt)
     master = masters(engine, opt)
     st = states(engine, opt)
     ulp = ULP.get(lowp, 0.0)
@@ -304,36 +341,6 @@ def run_case(rank, world, name):
     if "fp32_json" in name:
         out["lr_from_json"] = [g["lr"] for g in opt.param_groups]
     return out
-
-
-def unbound_is_refused_and_wrong(rank, world):
-    """Plain deepspeed.initialize with NovoGrad at ZeRO-2: the guard refuses; what it would compute is wrong."""
-    net = build()
-    engine, _ = make_engine("object", base_config(2, zero_allow_untested_optimizer=True), HP, net, plain=True)
-    x, y = batch(rank, 0, 0)
-    engine.backward(loss_fn(engine(x), y))
-    try:
-        engine.step()
-        message = None
-    except RuntimeError as e:
-        message = str(e)
-    w = engine.optimizer
-    layers, flat = w.bit16_groups[0], w.single_partition_of_fp32_groups[0]
-    grad = flat.grad.detach().clone()  # group 0's partition gradient, set just before the refused step
-    # What an unguarded NovoGrad computes: one "layer" spanning the whole partition.
-    naive = torch.nn.Parameter(flat.detach().clone())
-    naive.grad = grad
-    NovoGrad([naive], lr=HP["lr"], weight_decay=HP["weight_decay"]).step()
-    # The exact update of the same layers, whole, with the same gradient.
-    full = [torch.nn.Parameter(p.detach().float().clone()) for p in layers]
-    for q, g in zip(full, gather_flat(grad, layers)):
-        q.grad = g
-    NovoGrad(full, lr=HP["lr"], weight_decay=HP["weight_decay"]).step()
-    exact = torch.cat([q.detach().reshape(-1) for q in full])
-    exact = torch.nn.functional.pad(exact, (0, world * flat.numel() - exact.numel()))
-    exact = exact[rank * flat.numel():(rank + 1) * flat.numel()]
-    n = max(0, min(flat.numel(), sum(p.numel() for p in layers) - rank * flat.numel()))
-    return {"message": message, "naive_err": close_ratio(naive.detach()[:n], exact[:n], RTOL, ATOL)}
 
 
 def checkpoint_roundtrip(rank, world, ckpt_dir, name, how, config, hp):
@@ -366,22 +373,57 @@ def checkpoint_roundtrip(rank, world, ckpt_dir, name, how, config, hp):
            "master_equal": all(torch.equal(p, q) for p, q in zip(a[1], b[1])),
            "state_equal": all(set(s) == set(t) and all(torch.equal(torch.as_tensor(s[k]), torch.as_tensor(t[k]))
                                                        for k in s) for s, t in zip(a[2], b[2])),
-           "bound": eng_b.basic_optimizer.is_bound}
+           "bound": is_bound(eng_b.basic_optimizer)}
     if out["bound"]:
+        # A state saved under another partitioning: DeepSpeedNovoGrad refuses it at load;
+        # a plain NovoGrad's next step refuses it on every rank, before changing anything.
         opt = eng_b.basic_optimizer
         sd = opt.state_dict()
         sd["state"][0] = dict(sd["state"][0], layout="saved elsewhere")
+        before = [t.detach().clone() for _, t in trainable_layout(eng_b)]
         try:
             opt.load_state_dict(sd)
+            train(eng_b, range(6, 7))
             out["mismatch"] = None
-        except ValueError as e:
+        except (ValueError, RuntimeError) as e:
             out["mismatch"] = str(e)
+        out["unchanged_after_refusal"] = all(torch.equal(t, u) for (_, t), u in zip(trainable_layout(eng_b), before))
     return out
 
 
+def first_step_error(config, step=None):
+    """Build a plain engine with NovoGrad and take one step; the error message, or None."""
+    try:
+        net = build()
+        engine = deepspeed.initialize(model=net, optimizer=NovoGrad(groups(net), **HP), config=config)[0]
+        x, y = batch(0, 0, 0)
+        engine.backward(loss_fn(engine(x), y))
+        (step or engine.step)(engine)
+    except (ValueError, RuntimeError) as e:
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
 def engine_side_refusals(rank, world):
-    """Checks that need a live engine: the engine-side round-robin check and bad optimizers."""
+    """Checks that need a live engine: settings refused at the plain route's first step, the
+    wrapper's engine-side round-robin check and bad optimizers."""
     out = {}
+    cfg = plain_config(2)
+    cfg["zero_optimization"]["round_robin_gradients"] = True
+    out["plain_round_robin"] = first_step_error(cfg)
+    # The safety net behind the flag: the fragment map is checked against where each
+    # layer really lies in DeepSpeed's flat buffer, which round-robin permutes.
+    flags = sn_deepspeed._refuse_zero_flags
+    sn_deepspeed._refuse_zero_flags = lambda *args: None
+    try:
+        out["plain_permuted_layout"] = first_step_error(cfg)
+    finally:
+        sn_deepspeed._refuse_zero_flags = flags
+    out["plain_elastic"] = first_step_error(plain_config(1, zero_optimization={"stage": 1,
+                                                                               "elastic_checkpoint": True}))
+    out["plain_zero3"] = first_step_error(plain_config(3))
+    # NovoGrad stepped on a flat partition by hand, not by DeepSpeed's optimizer.
+    out["plain_by_hand"] = first_step_error(plain_config(2), step=lambda e: e.basic_optimizer.step())
     net = build()
     opt = sn_deepspeed.DeepSpeedNovoGrad(groups(net), **HP)
     cfg = base_config(2, zero_allow_untested_optimizer=True)
@@ -409,9 +451,10 @@ def run_all(rank, world, ckpt_dir):
     setup_rank(rank, world)
     out = {name: run_case(rank, world, name) for name in WORLD_CASES[world]}
     if world == 2:
-        out["unbound"] = unbound_is_refused_and_wrong(rank, world)
         out["ckpt_zero2"] = checkpoint_roundtrip(rank, world, ckpt_dir, "zero2", "object", base_config(2),
                                                  dict(HP, amsgrad=True))
+        out["ckpt_plain_zero1"] = checkpoint_roundtrip(rank, world, ckpt_dir, "plain1", "plain", plain_config(1),
+                                                       dict(HP, amsgrad=True))
         out["ckpt_bf16_optimizer"] = checkpoint_roundtrip(
             rank, world, ckpt_dir, "bf16opt", "object",
             base_config(1, bf16={"enabled": True}, data_types={"grad_accum_dtype": "fp32"}), HP)
@@ -455,6 +498,8 @@ def test_matches_reference(world, case):
         stage = (config["zero_optimization"]["stage"] if isinstance(config, dict)
                  else int(case.split("_")[0][-1]))
         assert r["bound"] == (stage > 0), (rank, r)
+        if how == "plain":
+            assert r["optimizer"] == "NovoGrad", r  # no wrapper involved
         assert r["skipped"] == r["engine_skipped"], (rank, r)
         assert r["steps_taken"] == opts.get("steps", STEPS) - r["skipped"] >= 5, (rank, r)
         if "loss_scale" in case:
@@ -475,29 +520,46 @@ def test_stage0_bf16_construction_step_leaves_no_state():
     """Check that DeepSpeed's stage-0 bf16 wrapper, which steps once with zero gradients at
     construction, does not start NovoGrad's moments (the reference never saw that step)."""
     for res in world_results(2):
-        assert res["zero0_bf16"]["state_after_init"] == 0
-        assert res["zero0_bf16"]["steps_taken"] == STEPS
+        for case in ("zero0_bf16", "plain_zero0_bf16"):  # through the wrapper, and plain deepspeed.initialize
+            assert res[case]["state_after_init"] == 0, case
+            assert res[case]["steps_taken"] == STEPS, case
 
 
-def test_unbound_novograd_is_refused_and_would_be_wrong():
-    """Check that a plain NovoGrad stepped on DeepSpeed's flat ZeRO-2 partition raises,
-    pointing at the binding, and that the layer-wise update it would have computed over
-    the partition differs from the exact one."""
-    for res in world_results(2):
-        r = res["unbound"]
-        assert r["message"] is not None and "sharded_novograd.integrations.deepspeed.initialize" in r["message"]
-        assert r["naive_err"] > 100.0, r
+PLAIN_REFUSALS = {
+    "plain_round_robin": "ValueError: sharded_novograd.integrations.deepspeed refuses \"round_robin_gradients\": true",
+    "plain_elastic": "ValueError: sharded_novograd.integrations.deepspeed refuses \"elastic_checkpoint\": true",
+    "plain_zero3": "ValueError: sharded_novograd.integrations.deepspeed refuses \"zero_optimization\": {\"stage\": 3}",
+    "plain_permuted_layout": "RuntimeError: NovoGrad cannot bind to ZeRO stage 2's partitions: rank 0: DeepSpeed's "
+                             "fragment map puts layer",
+    "plain_by_hand": "RuntimeError: NovoGrad is being stepped on DeepSpeed's flattened ZeRO partition",
+}
 
 
-@pytest.mark.parametrize("name", ["ckpt_zero2", "ckpt_bf16_optimizer", "ckpt_zero0_bf16"])
+@pytest.mark.parametrize("name", list(PLAIN_REFUSALS))
+def test_plain_initialize_refusals(name):
+    """Check that plain deepspeed.initialize with NovoGrad raises on every rank, naming the
+    setting, where the binding cannot be exact: round_robin_gradients, elastic_checkpoint,
+    ZeRO-3 (refused at initialize, where DeepSpeed first steps), a flat partition stepped
+    by hand rather than by DeepSpeed's optimizer, and, without the round-robin flag check,
+    a fragment map that disagrees with the flat buffer (every rank names every rank's
+    first problem)."""
+    for rank, res in enumerate(world_results(2)):
+        msg = res["refusals"][name]
+        assert msg is not None and msg.startswith(PLAIN_REFUSALS[name]), (rank, msg)
+
+
+@pytest.mark.parametrize("name", ["ckpt_zero2", "ckpt_plain_zero1", "ckpt_bf16_optimizer", "ckpt_zero0_bf16"])
 def test_checkpoint_roundtrip(name):
     """Check that engine.save_checkpoint/load_checkpoint resume NovoGrad bit for bit at the
-    same world size, and that a bound state saved under another partitioning is refused."""
+    same world size, and that a bound state saved under another partitioning is refused
+    (plain NovoGrad: at its next step, on every rank, with the partitions unchanged)."""
     for res in world_results(2):
         r = res[name]
         assert r["params_equal"] and r["master_equal"] and r["state_equal"], r
+        assert r["bound"] == ("zero0" not in name), r
         if r["bound"]:
             assert r["mismatch"] is not None and "partitioning" in r["mismatch"], r
+            assert r["unchanged_after_refusal"], r
 
 
 def test_engine_side_refusals():
