@@ -343,3 +343,30 @@ def test_build_cache(monkeypatch, tmp_path):
     monkeypatch.setattr(cpu_impl, "_tried", False)
     monkeypatch.setattr(cpu_impl, "_lib", None)
     assert not cpu_impl.available() and "SHARDED_NOVOGRAD_CPU_KERNELS=0" in cpu_impl.unavailable_reason()
+
+
+def test_threads_survive_fork(monkeypatch):
+    """Check that a forked child (as the gloo test ranks are) runs the threaded kernels after the
+    parent started its thread pool, instead of waiting forever on the parent's threads."""
+    import multiprocessing
+
+    table = TABLES["large"]()
+    g, m, w, _ = _inputs(table, torch.float32, seed=12)
+    coeffs, _ = _coeffs(table, g, "paper", torch.float32)
+    ref = _run(torch_impl, table, g, m, w, None, coeffs)
+    monkeypatch.setattr(cpu_impl, "MIN_PER_THREAD", 1000)
+    monkeypatch.setattr(cpu_impl, "_num_threads", lambda: 2)
+    assert _same_bits(_run(cpu_impl, table, g, m, w, None, coeffs)[2], ref[2])  # the pool now exists
+
+    def child():
+        out = _run(cpu_impl, table, g, m, w, None, coeffs)
+        os._exit(0 if _same_bits(out[1], ref[1]) and _same_bits(out[2], ref[2]) else 1)
+
+    proc = multiprocessing.get_context("fork").Process(target=child)
+    proc.start()
+    proc.join(60)
+    if proc.is_alive():
+        proc.kill()
+        proc.join()
+        pytest.fail("the forked child hung in the threaded CPU kernel")
+    assert proc.exitcode == 0

@@ -329,15 +329,21 @@ _SOURCE = r"""
 // (no fused multiply-add) and no fast-math flag; the compiler still vectorises the loops,
 // and vector IEEE operations round as scalar ones do.
 //
-// Threads: std::thread per call, joined before returning. No OpenMP: a second OpenMP
-// runtime next to torch's would fight over cores, and a forked process that inherits a
-// busy pool hangs; threads that live for one call have neither problem.
+// Threads: a small pool of its own (below), not OpenMP: a second OpenMP runtime next to
+// torch's would fight over cores, and the pool is made safe across fork().
 
+#include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <condition_variable>
+#include <functional>
+#include <mutex>
 #include <thread>
 #include <vector>
+
+#include <pthread.h>
 
 namespace {
 
@@ -434,24 +440,111 @@ size_t out_size(int out_kind) {
     }
 }
 
-// Runs fn(k) for k in [0, n) on n threads (the calling thread takes k = 0).
+// A pool of worker threads. Between calls a worker polls for about SPIN_US, then sleeps
+// on a condition variable: starting threads per call, or waking a sleeping one (an idle
+// virtual CPU may take a millisecond to come back), costs as much as a 2**20-element
+// update; OpenMP runtimes poll the same way. After fork() the child has none of the
+// parent's threads: an atfork handler drops the pool there (leaking it, as its threads
+// cannot be joined) and the child starts its own.
+constexpr int64_t SPIN_US = 200;
+
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    asm volatile("yield");
+#endif
+}
+
+// Polls pred() for up to SPIN_US; whether it became true.
+template <typename Pred>
+bool spin_until(Pred pred) {
+    const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(SPIN_US);
+    for (;;) {
+        for (int i = 0; i < 64; ++i) {
+            if (pred()) return true;
+            cpu_relax();
+        }
+        if (std::chrono::steady_clock::now() > until) return pred();
+    }
+}
+
+struct Pool {
+    std::mutex run_mu;  // one parallel call at a time (ctypes releases the GIL)
+    std::mutex mu;
+    std::condition_variable wake, done;
+    std::vector<std::thread> threads;
+    const std::function<void(int)>* job = nullptr;
+    // (generation << 16) | threads of the current call, in one word so that a worker
+    // never pairs one call's generation with another's thread count.
+    std::atomic<uint64_t> state{0};
+    std::atomic<int> pending{0};
+
+    void worker(int k, uint64_t seen) {
+        for (;;) {
+            auto changed = [&] { return (state.load(std::memory_order_acquire) >> 16) != seen; };
+            if (!spin_until(changed)) {
+                std::unique_lock<std::mutex> lock(mu);
+                wake.wait(lock, changed);
+            }
+            const uint64_t st = state.load(std::memory_order_acquire);
+            seen = st >> 16;
+            if (k < int(st & 0xFFFF)) {
+                (*job)(k);
+                if (pending.fetch_sub(1, std::memory_order_acq_rel) == 1) {
+                    std::lock_guard<std::mutex> lock(mu);
+                    done.notify_one();
+                }
+            }
+        }
+    }
+
+    // Runs fn(k) for k in [0, n); the calling thread takes k = 0.
+    void run(int n, const std::function<void(int)>& fn) {
+        std::lock_guard<std::mutex> serial(run_mu);
+        const uint64_t gen = state.load(std::memory_order_relaxed) >> 16;
+        while (int(threads.size()) < n - 1) {
+            const int k = int(threads.size()) + 1;
+            threads.emplace_back([this, k, gen] { worker(k, gen); });
+        }
+        job = &fn;
+        pending.store(n - 1, std::memory_order_relaxed);
+        {
+            std::lock_guard<std::mutex> lock(mu);
+            state.store(((gen + 1) << 16) | uint64_t(n), std::memory_order_release);
+        }
+        wake.notify_all();
+        fn(0);
+        auto finished = [&] { return pending.load(std::memory_order_acquire) == 0; };
+        if (!spin_until(finished)) {
+            std::unique_lock<std::mutex> lock(mu);
+            done.wait(lock, finished);
+        }
+    }
+};
+
+Pool* pool = nullptr;
+std::once_flag atfork_once;
+
+void forget_pool_in_child() { pool = nullptr; }
+
 template <typename Fn>
 void run_parallel(int n, Fn fn) {
     if (n <= 1) {
         fn(0);
         return;
     }
-    std::vector<std::thread> pool;
-    pool.reserve(n - 1);
-    for (int k = 1; k < n; ++k) pool.emplace_back(fn, k);
-    fn(0);
-    for (auto& t : pool) t.join();
+    std::call_once(atfork_once, [] { pthread_atfork(nullptr, nullptr, forget_pool_in_child); });
+    if (pool == nullptr) pool = new Pool();
+    const std::function<void(int)> job(fn);
+    pool->run(n, job);
 }
 
 int threads_for(int64_t work, int nthreads, int64_t min_per_thread) {
     int64_t most = min_per_thread > 0 ? work / min_per_thread : nthreads;
-    if (most < 1) most = 1;
-    return int(nthreads < most ? nthreads : most);
+    if (most > 1024) most = 1024;
+    if (most > nthreads) most = nthreads;
+    return most < 1 ? 1 : int(most);
 }
 
 template <typename T> struct Bits;
