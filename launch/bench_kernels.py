@@ -17,6 +17,7 @@ parameter copy: 20 bytes per element, 22 with a 2-byte copy. GB/s is those bytes
 the time, whatever the implementation actually moves (the torch path moves more).
 
     python launch/bench_kernels.py --out bench_kernels.csv        # GPU
+    python launch/bench_kernels.py --sizes 1e8 --layout shifted   # every fragment off the vector grid
     python launch/bench_kernels.py --dry-run                      # CPU, tiny sizes
 
 Exits with status 1 if a correctness check fails.
@@ -54,6 +55,10 @@ def parse_args(argv=None):
                         "to the fp32 state, fp32 writes none (default: bf16)")
     p.add_argument("--repeats", type=int, default=None, help="timed runs per measurement (default: 20; 3 dry)")
     p.add_argument("--warmup", type=int, default=None, help="untimed runs first (default: 3; 1 dry)")
+    p.add_argument("--layout", choices=["gpt", "shifted"], default="gpt",
+                   help="gpt: the GPT-like layer sizes, every fragment on the 16-byte vector grid; shifted: the "
+                        "first layer one element longer (and the last one shorter), which moves every later "
+                        "fragment off the grid, as one odd-sized parameter does (default: gpt)")
     p.add_argument("--blocks", type=int, nargs="+", default=None,
                    help="Triton elements per program to time (default: the launcher's choice)")
     p.add_argument("--out", default=None, help="CSV file to write (default: none)")
@@ -164,8 +169,11 @@ class Report:
         return "\n".join(lines)
 
 
-def make_problem(n: int, out_dtype: Optional[torch.dtype], device):
+def make_problem(n: int, out_dtype: Optional[torch.dtype], device, shifted: bool = False):
     numels = transformer_numels(n)
+    if shifted and len(numels) > 1 and numels[-1] > 1:
+        numels[0] += 1
+        numels[-1] -= 1
     layout = ShardLayout(tuple((k,) for k in numels), 1)
     table = layout.table(0)
     S = layout.shard_size
@@ -173,7 +181,7 @@ def make_problem(n: int, out_dtype: Optional[torch.dtype], device):
     g = torch.randn(S, generator=gen, device=device).mul_(1e-2)
     m = torch.randn(S, generator=gen, device=device).mul_(1e-3)
     w = torch.randn(S, generator=gen, device=device)
-    out = torch.empty(S, dtype=out_dtype, device=device) if out_dtype is not None else None
+    out = torch.zeros(S, dtype=out_dtype, device=device) if out_dtype is not None else None
     L = layout.num_layers
     hp = dict(lr=1e-3, betas=(0.95, 0.98), eps=1e-8, weight_decay=0.01, grad_averaging=False, amsgrad=False,
               reg_inside_moment=True, bias_correction=False, init_zero=False, norm_type=2)
@@ -249,10 +257,10 @@ def check(report: Report, n, dtype_name, table, g, m, w, out, coeffs, block) -> 
 
 
 def bench_size(report: Report, timer: Timer, n: int, args, device, use_triton: bool) -> bool:
-    dtype_name = args.dtype
-    out_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[dtype_name]
-    numels, table, g, m, w, out, coeffs = make_problem(n, out_dtype, device)
-    bytes_per_elem = 20 + OUT_BYTES[dtype_name]
+    out_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[args.dtype]
+    numels, table, g, m, w, out, coeffs = make_problem(n, out_dtype, device, args.layout == "shifted")
+    bytes_per_elem = 20 + OUT_BYTES[args.dtype]
+    dtype_name = args.dtype + ("-shifted" if args.layout == "shifted" else "")
     moved = bytes_per_elem * n
     blocks = args.blocks or [None]
     ok = True

@@ -552,7 +552,8 @@ def test_shard_beyond_int32_on_gpu():
     g, m, w, out = tensors["g"], tensors["m"], tensors["w"], tensors["out"]
     before = {k: [v[win].cpu().clone() for win in windows] for k, v in tensors.items()}
     coeffs = F.identity_coeffs(3)
-    for col, value in ((F.B1, 0.9), (F.B3, 1.0), (F.GSCALE, 1.0), (F.D_IN, 2.0), (F.WD_IN, 0.01), (F.STEP, 0.1), (F.WD_OUT, 0.001)):
+    for col, value in ((F.B1, 0.9), (F.B3, 1.0), (F.GSCALE, 1.0), (F.D_IN, 2.0), (F.WD_IN, 0.01), (F.STEP, 0.1),
+                       (F.WD_OUT, 0.001)):
         coeffs[:, col] = value
     st = triton_impl.partial_stats(g, table).cpu()
     triton_impl.fused_update(g, m, w, out, table, coeffs.cuda())
