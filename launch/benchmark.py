@@ -371,6 +371,36 @@ class FSDP2AdamW(FSDP2NovoGrad):
         return torch.optim.AdamW(self.params, foreach=True, **ADAMW_HP)
 
 
+class FSDP2TPNovoGrad(FSDP2NovoGrad):
+    name = "fsdp2_tp_novograd"
+    label = "2-D mesh (dp=N/2, tp=2): MLP tensor parallel + FSDP2 + sharded_novograd.NovoGrad"
+
+    def setup(self):
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+        if self.world % 2:
+            raise RuntimeError("the 2-D mesh needs an even number of ranks (tp=2)")
+        mesh = init_device_mesh("cpu", (self.world // 2, 2), mesh_dim_names=("dp", "tp"))
+        units = bench_models.shardable_units(self.model)
+        mlps = [u for u in units if hasattr(u, "fc2")] or [self.model]
+        for m in mlps:  # fc1 split by columns, fc2 by rows: the Megatron MLP
+            parallelize_module(m, mesh["tp"], {"fc1": ColwiseParallel(), "fc2": RowwiseParallel()})
+        for unit in units:
+            fully_shard(unit, mesh=mesh["dp"])
+        fully_shard(self.model, mesh=mesh["dp"])
+        self.params = list(self.model.parameters())
+        self.opt = self.make_optimizer()
+
+    def batch(self, step: int):
+        # Both tp ranks must see the same input: each dp group trains on the batches of
+        # its two ranks, concatenated, so the global mean gradient is the reference's.
+        first = 2 * (self.rank // 2)
+        parts = [bench_models.make_batch(self.spec, self.args.seed, step, r, DTYPES[self.args.dtype])
+                 for r in (first, first + 1)]
+        return tuple(torch.cat(t) for t in zip(*parts))
+
+
 def _deepspeed_config(spec, optimizer: Dict, dtype: str) -> Dict:
     return {
         "bf16": {"enabled": dtype == "bf16"},
@@ -469,7 +499,8 @@ class ShardedZero1(Sharded):
     name, label, stage = "sharded_zero1", "ShardedNovoGrad zero_stage=1", 1
 
 
-VARIANTS: Dict[str, type] = {v.name: v for v in (DDPNovoGrad, TorchZeroNovoGrad, FSDP2NovoGrad, FSDP2AdamW, FSDP2LocalNovoGrad,
+VARIANTS: Dict[str, type] = {v.name: v for v in (DDPNovoGrad, TorchZeroNovoGrad, FSDP2NovoGrad, FSDP2AdamW, FSDP2TPNovoGrad,
+                                                  FSDP2LocalNovoGrad,
                                                   DeepSpeedAdamW, DeepSpeedNovoGrad, ShardedZero1, Sharded)}
 # Variants whose math is not NovoGrad's: their distance from the reference means nothing.
 OTHER_ALGORITHM = {"deepspeed_zero2_adamw", "fsdp2_adamw"}
