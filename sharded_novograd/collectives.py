@@ -134,10 +134,10 @@ def check_same_plan(lines: List[str], digest: bytes, group, device) -> None:
             a = texts[0][i] if i < len(texts[0]) else "<missing>"
             b = texts[r][i] if i < len(texts[r]) else "<missing>"
             if a != b:
-                raise RuntimeError(f"parameter layouts differ across ranks: rank 0 has '{a}' "
-                                   f"but rank {r} has '{b}'. Every rank must build the optimizer "
-                                   f"from the same parameters in the same order.")
-    raise RuntimeError("parameter layouts differ across ranks")
+                raise RuntimeError(f"optimizer plans (parameter layouts and settings) differ across ranks: "
+                                   f"rank 0 has '{a}' but rank {r} has '{b}'. Every rank must build the "
+                                   f"optimizer from the same parameters in the same order, with the same settings.")
+    raise RuntimeError("optimizer plans (parameter layouts and settings) differ across ranks")
 
 
 def broadcast_flat(flat: torch.Tensor, group, src: int = 0) -> None:

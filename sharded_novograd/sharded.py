@@ -550,7 +550,10 @@ class ShardedNovoGrad(torch.optim.Optimizer):
         max_abs = self.norm_type != 2
         st = K.partial_stats(shard_grad, self._table, max_abs=max_abs, fused=self.fused)
         L = self.layout.num_layers
-        red = self._engine.reduce(st[:L], torch.tensor(has, dtype=torch.float64), st[2 * L],
+        # L2: the kernel counts non-finite elements and overflowed sums (both skip). L-inf
+        # never squares: only non-finite elements skip, and they make the max-abs non-finite.
+        nonfinite = (~torch.isfinite(st[L:2 * L])).sum() if max_abs else st[2 * L]
+        red = self._engine.reduce(st[:L], torch.tensor(has, dtype=torch.float64), nonfinite,
                                   maxabs=st[L:2 * L] if max_abs else None, problem=problem,
                                   digest=self._digest or b"", inv_scale=inv_scale)
         if red.skip:

@@ -5,8 +5,11 @@
     length ``2 * L + 1`` (float64 for float64 gradients, else float32): per-layer
     sums of squares ``[0, L)``, per-layer max-abs ``[L, 2L)``, and at ``2L`` a value
     that is non-zero iff a fragment holds a non-finite element (or its sum of squares
-    overflowed). Layers with no fragment in the shard get 0. With ``max_abs=False``
-    the max-abs slots may be left 0 (the torch implementation then skips that pass).
+    overflowed). Layers with no fragment in the shard get 0. A layer's max-abs is
+    non-finite iff one of its elements is (NaN or inf; the value then is NaN or +inf),
+    so ``norm_type=inf`` can tell non-finite elements from squares that overflow. With
+    ``max_abs=False`` the max-abs slots may be left 0 (the torch implementation then
+    skips that pass).
 
 ``fused_update(grad, exp_avg, weight, param_out, table, coeffs)``
     One pass over the fragments: reads ``grad``, ``exp_avg`` and ``weight`` (all 1-D,

@@ -121,7 +121,10 @@ if TRITON_AVAILABLE:
         old = tl.atomic_add(out_ptr + layer, sumsq, sem="relaxed")
         # The layer's sum can overflow across chunks whose own sums are finite.
         bad += tl.where(tl.abs(old + sumsq) < float("inf"), 0, 1)
-        tl.atomic_max(out_ptr + num_layers + layer, tl.max(a, axis=0), sem="relaxed")
+        # NaN counts as +inf in the max, so a layer's max-abs is finite iff its elements are
+        # (norm_type=inf decides from it alone: its squares may overflow, the max cannot).
+        tl.atomic_max(out_ptr + num_layers + layer, tl.max(tl.where(a == a, a, float("inf")), axis=0),
+                      sem="relaxed")
         tl.atomic_add(out_ptr + 2 * num_layers, bad.to(out_ptr.dtype.element_ty), mask=bad > 0, sem="relaxed")
 
     @triton.jit
@@ -247,7 +250,7 @@ def partial_stats(grad: torch.Tensor, table: FragmentTable, *, block: Optional[i
     Returns:
         A ``[2 * L + 1]`` vector (fp64 for fp64 gradients, else fp32); slot ``2L`` counts
         non-finite elements plus layer sums that overflowed. The max-abs of a layer
-        holding a NaN is unspecified (the count says the step must be skipped).
+        holding a NaN or inf is +inf.
     """
     _check_runnable(grad)
     _check_shard("grad", grad, table, grad.device)
