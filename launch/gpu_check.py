@@ -350,7 +350,7 @@ def step_env(_argv) -> int:
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)
         info.update(gpu=p.name, capability=f"{p.major}.{p.minor}", memory_gib=round(p.total_memory / 2 ** 30, 1),
-                    gpus=torch.cuda.device_count(), nccl=".".join(map(str, torch.cuda.nccl.version())))
+                    gpus=torch.cuda.device_count(), nccl=str(torch.cuda.nccl.version()))
     for tool, cmd in (("nvidia_smi", ["nvidia-smi", "--query-gpu=name,driver_version,memory.total",
                                       "--format=csv,noheader"]),
                       ("compute_sanitizer", [find_sanitizer() or "compute-sanitizer", "--version"])):

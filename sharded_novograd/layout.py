@@ -13,6 +13,7 @@ range.
 from __future__ import annotations
 
 import hashlib
+import numbers
 from dataclasses import dataclass, field
 from typing import Dict, List, Sequence, Tuple
 
@@ -161,7 +162,7 @@ class FragmentTable:
         self.offsets = [r[1] for r in rows]
         self.numels = [r[2] for r in rows]
         self.index_dtype = torch.int32 if self.shard_size <= INDEX_MAX_INT32 else torch.int64
-        self._tensors: Dict[tuple, torch.Tensor] = {}
+        self._tensors: Dict[tuple, object] = {}  # built tables, per (kind, device, block[, vec])
 
     @classmethod
     def from_fragments(cls, fragments: Sequence[Fragment], shard_size: int, num_layers: int) -> "FragmentTable":
@@ -204,8 +205,9 @@ class FragmentTable:
         per ``(device, block, vec)`` and cached.
         """
         block = _check_block(block)
-        if isinstance(vec, bool) or not isinstance(vec, int) or vec < 1 or block % vec:
+        if isinstance(vec, bool) or not isinstance(vec, numbers.Integral) or vec < 1 or block % vec:
             raise ValueError(f"Invalid vec: {vec!r} (expected an int >= 1 that divides block={block})")
+        vec = int(vec)
         key = ("vector_chunks", torch.device(device), block, vec)
         if key not in self._tensors:
             layer, off, n = self._columns()
@@ -234,9 +236,9 @@ INDEX_MAX_INT64 = 2 ** 63 - 1
 
 
 def _check_block(block) -> int:
-    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+    if isinstance(block, bool) or not isinstance(block, numbers.Integral) or block < 1:
         raise ValueError(f"Invalid block: {block!r} (expected an int >= 1)")
-    return block
+    return int(block)
 
 
 def _cut(layer: torch.Tensor, start: torch.Tensor, length: torch.Tensor, block: int) -> torch.Tensor:
