@@ -213,7 +213,7 @@ def fsdp_trajectory(rank, world, mesh, hp, *, clip=None, clip_with_torch=False, 
     out["diff"] = max_diff(model, ref)
     out["state_diff"] = state_diff(opt, ref)
     if scalar:
-        out["scalar_diff"] = abs(float(extra[0].to_local()) - float(ref_extra[0]))
+        out["scalar_diff"] = abs(float(extra[0].detach().to_local()) - float(ref_extra[0].detach()))
     out["last"] = last_step(opt)
     out["state_bytes"] = state_bytes(opt)
     out["exp_avg_bytes"] = sum(p.to_local().numel() * 8 for p in params + extra)
