@@ -43,6 +43,7 @@ __all__ = ["StepEngine", "Reduced", "plan_update", "settings_digest", "hyper_tex
 # are exact in float64 and all ranks hold the same c iff n * sum(c*c) == sum(c)**2
 # (Cauchy-Schwarz), exactly representable for n <= 2**18 ranks.
 DIGEST_COMPONENTS = 8
+_DISCARD = float(2 ** 26)  # more ranks than this could not tell problems from discards
 
 
 def stats_length(num_layers: int) -> int:
@@ -105,7 +106,8 @@ class StepEngine:
 
     def reduce(self, sumsq: torch.Tensor, has_grad: torch.Tensor, nonfinite, *,
                maxabs: Optional[torch.Tensor] = None, replication: Optional[torch.Tensor] = None,
-               problem: Optional[str] = None, digest: bytes = b"", found_inf=None, inv_scale=None) -> Reduced:
+               problem: Optional[str] = None, digest: bytes = b"", found_inf=None, inv_scale=None,
+               discard: bool = False) -> Optional[Reduced]:
         """Make this rank's partial statistics global. This needs to be called on all ranks.
 
         Args:
@@ -121,6 +123,10 @@ class StepEngine:
             found_inf: GradScaler's inf flag on this rank, or None (default: None)
             inv_scale: 1 / loss scale: the gradients are scaled by its inverse; the
                 statistics are unscaled here (default: None)
+            discard: this rank drops the step's gradients instead of stepping (a
+                ``zero_grad()`` after backward). If every rank does, returns None; if only
+                some do, every rank raises instead of pairing the steppers' collectives
+                with the others' next ones (default: False)
 
         Raises:
             RuntimeError: on every rank, when a rank had a problem, the digests differ, or
@@ -130,7 +136,8 @@ class StepEngine:
         if len(digest) > DIGEST_COMPONENTS:
             raise ValueError(f"digest of {len(digest)} bytes, at most {DIGEST_COMPONENTS}")
         comps = torch.tensor(list(digest.ljust(DIGEST_COMPONENTS, b"\0")), dtype=f64)
-        flags = torch.tensor([0.0 if problem is None else 1.0], dtype=f64)
+        # Problems count in units, discards in units of _DISCARD: both exact in float64.
+        flags = torch.tensor([(0.0 if problem is None else 1.0) + (_DISCARD if discard else 0.0)], dtype=f64)
         parts = [sumsq.to(dev, f64).reshape(L), has_grad.to(dev, f64).reshape(L)]
         inf_norm = self.norm_type != 2
         if inf_norm:
@@ -170,6 +177,14 @@ class StepEngine:
         # The step's one host sync: every decision below is taken from these values.
         bad, disagree, nonfinite, found, overflow, any_grad = torch.stack([
             bad, disagree.to(f64), nonfinite, found, overflow.to(dev, f64), has.any().to(f64)]).tolist()
+        discards, bad = divmod(int(bad), int(_DISCARD))
+        if discards == self.world_size:
+            return None
+        if discards:
+            raise RuntimeError(f"{discards} of {self.world_size} ranks called zero_grad() after backward without "
+                               f"step(), the others called step(){' (this rank: zero_grad)' if discard else ''}: "
+                               "after a backward, every rank must call step(), or every rank zero_grad(); "
+                               "nothing was changed on any rank")
         if bad:
             raise RuntimeError(f"rank {self.rank}: {problem}; nothing was changed on any rank" if problem
                                else "a problem on another rank (see its error); nothing was changed on any rank")

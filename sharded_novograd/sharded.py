@@ -181,6 +181,7 @@ class ShardedNovoGrad(torch.optim.Optimizer):
         self._hooked: Dict[int, Tuple[int, int]] = {}  # layer -> (id, version) of .grad when its hook ran
         self._reduced_elsewhere = False  # the last backward's gradients were written by DDP
         self._sync_backwards = 0  # backwards outside no_sync() since the last step
+        self._backward_since_step = False
         self._grad_flat = None  # ZeRO-1's gradient buffer, reused across steps
         self._grad_shard = None  # the shard buffer for gradients averaged elsewhere
         self._buckets = None
@@ -342,6 +343,7 @@ class ShardedNovoGrad(torch.optim.Optimizer):
             torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
             self._flush_queued = True
         self._hooked[layer] = (id(g), g._version)
+        self._backward_since_step = True
         bk = self._buckets
         if (bk is None or self._source != "own" or not self._sync or bk.arrived[layer] or bk.too_late(layer)
                 or grad_problem(layer, p)):
@@ -399,15 +401,31 @@ class ShardedNovoGrad(torch.optim.Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear gradients, including those ZeRO-2 already took from ``.grad`` during backward.
 
-        If a backward already sent buckets, this completes their collectives, so call it
-        on all ranks at the same point (as a training loop does).
+        After a backward without :meth:`step`, this is a collective (the gradients are
+        dropped on every rank, or every rank raises when only some drop them): call it on
+        all ranks at the same point, as a training loop does.
         """
         super().zero_grad(set_to_none)
         self._hooked = {}
         self._sync_backwards = 0
-        if self._buckets is not None and self._buckets.started():
-            self._buckets.finish()
+        dropping = self._backward_since_step
+        self._backward_since_step = False
+        if self._buckets is not None and (self._buckets.started() or (dropping and self._source == "unknown")):
+            self._buckets.finish()  # in the first step, step() would send every bucket
             self._buckets.reset()
+        if dropping:
+            # A rank that drops a backward's gradients issues what a step() would, up to
+            # its statistics collective, which tells the others: all dropping is fine,
+            # some is an error on every rank (instead of mismatched collectives).
+            if self._buckets is None and self._source != "averaged":
+                if self._grad_flat is None:
+                    self._grad_flat = torch.empty(self.layout.padded_total, dtype=self.state_dtype,
+                                                  device=self.device)
+                all_reduce_gradients(self._params, self.layout, self.rank, self._grad_flat, self.process_group)
+            L = self.layout.num_layers
+            zeros = torch.zeros(L, dtype=torch.float64)
+            self._engine.reduce(zeros, zeros, 0, maxabs=zeros if self.norm_type != 2 else None,
+                                digest=self._digest or b"", discard=True)
 
     def _local_problems(self) -> Optional[str]:
         """Problems found before any collective: parameters that cannot be re-adopted,
@@ -519,6 +537,7 @@ class ShardedNovoGrad(torch.optim.Optimizer):
         finally:
             self._hooked = {}
             self._sync_backwards = 0
+            self._backward_since_step = False
             if self._buckets is not None:
                 self._buckets.reset()
                 for p in self._params:

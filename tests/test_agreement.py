@@ -199,12 +199,40 @@ def bad_state_dict(rank, world):
     return out
 
 
+def zero_grad_instead_of_step(rank, world):
+    """After a backward, rank 0 calls step() and the others zero_grad(): every rank raises
+    (this used to pair collectives of different sizes and abort gloo); when every rank
+    drops the gradients nothing happens; the next step is exact on every rank."""
+    out = {}
+    for stage in (1, 2):
+        for first in (True, False):  # in the first step (gradient source not known yet) and later
+            params = make_params(SHAPES, torch.float64)
+            opt = ShardedNovoGrad(params, lr=0.01, zero_stage=stage)
+
+            def backward():
+                sum((p * (1 + rank)).square().sum() for p in params).backward()
+            if not first:
+                backward()
+                opt.step()
+                opt.zero_grad()
+            backward()
+            res = _refused(params, opt, opt.step if rank == 0 else opt.zero_grad)
+            opt.zero_grad()
+            backward()
+            res["all_dropped"] = _refused(params, opt, opt.zero_grad)
+            backward()
+            opt.step()
+            res["then_steps"] = True
+            out[(stage, first)] = res
+    return out
+
+
 def all_scenarios(rank, world):
     torch.manual_seed(0)
     return {"overflow": overflow_after_reduce(rank, world), "clip": clip_total_overflow(rank, world),
             "differ": settings_differ(rank, world), "invalid": invalid_on_one_rank(rank, world),
             "unfrozen": unfrozen_later(rank, world), "inf_norm": inf_norm_large(rank, world),
-            "state": bad_state_dict(rank, world)}
+            "state": bad_state_dict(rank, world), "zero_grad": zero_grad_instead_of_step(rank, world)}
 
 
 def results(world):
@@ -303,3 +331,15 @@ def test_duplicate_parameters_are_refused():
     silently never updated under ZeRO-2, and wrong under ZeRO-1)."""
     msg = shared_world(_duplicate, 1)[0]
     assert msg and "appears more than once" in msg, msg
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.parametrize("first", [True, False])
+def test_zero_grad_on_some_ranks_instead_of_step(stage, first):
+    """Check that when some ranks call zero_grad() after backward and the others step(),
+    every rank raises an exception naming it, with nothing changed, and that every rank
+    dropping the gradients together is allowed."""
+    for r in results(2):
+        o = r["zero_grad"][(stage, first)]
+        assert o["error"] and "zero_grad() after backward without step()" in o["error"] and o["unchanged"], o
+        assert o["all_dropped"] == {"error": None, "unchanged": True} and o["then_steps"], o
