@@ -183,8 +183,9 @@ class _Binding:
         # L-inf groups need the per-layer max-abs; a call mixing them with L2 groups
         # (BF16_Optimizer steps every group at once) reduces both in one all-gather.
         inf = any(group["norm_type"] != 2 for group, _ in work)
+        dev = self.comm_device
         problems, grads, hypers, sumsq, maxabs = [], [], [], [], []
-        nonfinite = torch.zeros((), dtype=torch.float64)
+        nonfinite = torch.zeros((), dtype=torch.float64, device=dev)
         for group, part in work:
             L, flat = part.num_layers, part.flat
             grad, problem = flat.grad, None
@@ -205,23 +206,24 @@ class _Binding:
                 problems.append(problem)
                 grads.append(None)
                 hypers.append(None)
-                sumsq.append(torch.zeros(L, dtype=torch.float32))
-                maxabs.append(torch.zeros(L, dtype=torch.float32))
+                sumsq.append(torch.zeros(L, dtype=torch.float32, device=dev))
+                maxabs.append(torch.zeros(L, dtype=torch.float32, device=dev))
                 continue
             if grad.dtype != flat.dtype or grad.shape != flat.shape or not grad.is_contiguous():
                 grad = grad.to(flat.dtype).reshape(flat.shape).contiguous()
             st = K.partial_stats(grad, part.table, max_abs=inf)
             grads.append(grad)
             hypers.append(hyper)
-            sumsq.append(st[:L])
-            maxabs.append(st[L:2 * L])
-            nonfinite = nonfinite + st[2 * L].to(torch.float64).cpu()
+            # On the backend's device: no host sync before the collective.
+            sumsq.append(st[:L].to(dev))
+            maxabs.append(st[L:2 * L].to(dev))
+            nonfinite = nonfinite + st[2 * L].to(dev, torch.float64)
         eng = self._engine(work, inf)
         digest = E.settings_digest(E.hyper_text([group for group, _ in work], HYPER_KEYS, self.setting))
         # The step's one collective. DeepSpeed gives every layer a gradient (zeros where
         # autograd left none), and each element lies on exactly one rank.
-        red = eng.reduce(torch.cat([s.cpu() for s in sumsq]), torch.ones(eng.num_layers), nonfinite,
-                         maxabs=torch.cat([m.cpu() for m in maxabs]) if inf else None,
+        red = eng.reduce(torch.cat(sumsq), torch.ones(eng.num_layers, device=dev), nonfinite,
+                         maxabs=torch.cat(maxabs) if inf else None,
                          problem="; ".join(problems) or None, digest=digest)
         if red.skip:
             if self.rank == 0:
