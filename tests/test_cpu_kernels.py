@@ -370,3 +370,23 @@ def test_threads_survive_fork(monkeypatch):
         proc.join()
         pytest.fail("the forked child hung in the threaded CPU kernel")
     assert proc.exitcode == 0
+
+
+def test_benchmark_script_runs(tmp_path, capsys):
+    """Check that launch/bench_cpu_update.py runs end to end (tiny size, no DeepSpeed build) and
+    writes one ms and one GB/s row per implementation."""
+    import csv
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "launch", "bench_cpu_update.py")
+    spec = importlib.util.spec_from_file_location("bench_cpu_update", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "rows.csv"
+    impls = ["novograd_cpu", "novograd_foreach", "novograd_cpu_stats", "copy"]
+    assert bench.main(["--sizes", "4099", "--threads", "1", "--rounds", "1", "--repeats", "2", "--out", str(out),
+                       "--impls", *impls]) == 0
+    with open(out) as f:
+        rows = list(csv.DictReader(f))
+    assert sorted((r["impl"], r["metric"]) for r in rows) == sorted((i, m) for i in impls for m in ("ms", "GB/s"))
+    assert all(float(r["p50"]) > 0 for r in rows)
