@@ -26,6 +26,7 @@ placements (``torch.distributed.checkpoint`` saves and reshards it), ``exp_avg_s
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import math
 from typing import Dict, List, Optional
@@ -175,7 +176,6 @@ def _plan_for(optimizer, front: _Front) -> _Plan:
     if front.plan is None or front.plan.key != key:
         plan = _build_plan(optimizer, key)
         lines = _plan_lines(plan)
-        import hashlib
         # Collective, at the first step and after the parameters change: ranks whose
         # layers differ would otherwise reduce vectors of different lengths.
         C.check_same_plan(lines, hashlib.sha256("\n".join(lines).encode()).digest(), plan.group,
@@ -244,8 +244,11 @@ def step(optimizer) -> None:
                 maxabs[idx[torch.tensor(full, dtype=torch.int64, device=device)]] = torch.stack(mx).to(torch.float64)
     mgn = getattr(optimizer, "max_grad_norm", None)
     digest = settings_digest(hyper_text(groups, _HYPER_KEYS, f"max_grad_norm={mgn!r}"))
+    state_dtype = _state_dtypes(groups)
+    # A reduced sum of squares that overflows the narrowest second moment skips the step.
+    narrowest = torch.float32 if torch.float32 in state_dtype.values() else torch.float64
     engine = StepEngine(L, plan.group, plan.comm_device, norm_type=math.inf if any_inf else 2,
-                        state_dtype=torch.float32)
+                        state_dtype=narrowest)
     red = engine.reduce(sumsq, has_grad, nonfinite, maxabs=maxabs, replication=plan.replication,
                         problem=problem, digest=digest)
     if red.skip:
@@ -254,17 +257,21 @@ def step(optimizer) -> None:
         if C.group_rank(plan.group) == 0:
             logger.warning("%s: NovoGrad step skipped on every rank (%d so far)", red.reason, front.skipped_steps)
         return
-    _update(optimizer, front, plan, red, norm_types, mgn, device)
+    _update(optimizer, front, plan, red, norm_types, state_dtype, mgn, device)
 
 
-def _update(optimizer, front: _Front, plan: _Plan, red, norm_types, max_grad_norm, device) -> None:
-    params, groups = plan.params, optimizer.param_groups
-    # The per-layer math runs in each param group's dtype, as in the single-process path.
-    state_dtype = {}
+def _state_dtypes(groups) -> Dict[int, torch.dtype]:
+    """The dtype of each param group's per-layer math, as in the single-process path."""
+    out = {}
     for gi, g in enumerate(groups):
         first = next((p for p in g["params"] if p.grad is not None), g["params"][0] if g["params"] else None)
         if first is not None:
-            state_dtype[gi] = torch.promote_types(first.dtype, torch.float32)
+            out[gi] = torch.promote_types(first.dtype, torch.float32)
+    return out
+
+
+def _update(optimizer, front: _Front, plan: _Plan, red, norm_types, state_dtype, max_grad_norm, device) -> None:
+    params, groups = plan.params, optimizer.param_groups
     parts: Dict[tuple, List[int]] = {}
     for i, gi in enumerate(plan.layer_group):
         parts.setdefault((state_dtype[gi], norm_types[i]), []).append(i)

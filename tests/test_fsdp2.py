@@ -330,10 +330,6 @@ def dcp_load_continue(rank, world, mesh, path, saved_world):
 
 
 # ---------------------------------------------------------------- the worlds
-def _summary(res):
-    return res[0]
-
-
 def world_fsdp(rank, world, ckpt):
     """Every scenario of one world size; the 4-rank world also saves, the 2-rank one loads."""
     from torch.distributed.device_mesh import init_device_mesh
