@@ -348,6 +348,10 @@ def world_fsdp(rank, world, ckpt):
         mesh2d = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
         out["tp"] = tp_trajectory(rank, world, mesh2d, HP, clip=None)
         out["tp_clip"] = tp_trajectory(rank, world, mesh2d, APEX_INF, clip=0.05)
+        # Two pipeline stages, each a (dp=1, tp=2) sub-mesh that does not span the world:
+        # the reduction runs over the sub-mesh's flattened group.
+        mesh3d = init_device_mesh("cpu", (2, 1, 2), mesh_dim_names=("pp", "dp", "tp"))
+        out["pp_stage"] = tp_trajectory(rank, world, mesh3d["dp", "tp"], HP, clip=0.05)
         out["saved"] = dcp_save(rank, world, mesh, ckpt)
     else:
         out["dcp"] = dcp_load_continue(rank, world, mesh, ckpt, 4)
@@ -471,6 +475,16 @@ def test_2d_mesh_matches_reference(case):
     pl = res[0]["tp"]["placements"]
     assert pl["b.bias"] == "(Shard(dim=0), Replicate())" and pl["norm.weight"] == "(Shard(dim=0),)"
     assert "_StridedShard" in pl["a.weight"]
+
+
+def test_2d_sub_mesh_of_a_pipeline_stage():
+    """Check a 2-D ("dp", "tp") mesh cut from a 3-D mesh with a "pp" dimension, as
+    pipeline parallelism makes: its parameters span half the world, and the step
+    reduces over the sub-mesh's ranks, still in one collective."""
+    for r in results(4):
+        t = r["pp_stage"]
+        assert t["diff"] < TOL and t["state_diff"] < 1e-10, t
+        assert t["collectives"] == {"c10d.allreduce_": 1}
 
 
 def test_dcp_save_at_4_load_at_2_continues():
