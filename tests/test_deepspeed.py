@@ -539,7 +539,7 @@ PLAIN_REFUSALS = {
 def test_plain_initialize_refusals(name):
     """Check that plain deepspeed.initialize with NovoGrad raises on every rank, naming the
     setting, where the binding cannot be exact: round_robin_gradients, elastic_checkpoint,
-    ZeRO-3 (refused at initialize, where DeepSpeed first steps), a flat partition stepped
+    ZeRO-3 (at the first step), a flat partition stepped
     by hand rather than by DeepSpeed's optimizer, and, without the round-robin flag check,
     a fragment map that disagrees with the flat buffer (every rank names every rank's
     first problem)."""
