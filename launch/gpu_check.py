@@ -19,7 +19,7 @@ the run), inside one overall budget (``--budget``, default 450 s):
    aligned, under ``compute-sanitizer --tool memcheck`` (misaligned or out-of-bounds
    accesses fail the step), with torch's caching allocator off so that every tensor is
    its own allocation and a read past its end is out of bounds.
-4. ``zero2-nccl``: ShardedNovoGrad (ZeRO-1 and ZeRO-2, fp32 and fp64, real backward)
+4. ``zero2-nccl``: ShardedNovoGrad (ZeRO-1 and ZeRO-2; fp32, fp64, bf16 with fp32 masters; real backward)
    at world size 1 on a group made by ``init_process_group()`` without a backend
    (``cpu:gloo,cuda:nccl``) against the single-process NovoGrad; the collective method
    must be ``reduce_scatter``.
@@ -474,11 +474,17 @@ def step_kernels_smoke(argv) -> int:
 
 def _zero2_cases(device):
     import torch
-    f32, f64 = torch.float32, torch.float64
+    f32, f64, bf16 = torch.float32, torch.float64, torch.bfloat16
     # (dtype, zero_stage, kwargs, (atol, rtol)): fp32 differs from the reference only by the
     # summation order of the per-layer sums of squares (a few ulps of v, passed on
-    # unamplified by the division by sqrt(v)); fp64 is 2**29 times finer.
-    return [(f32, 2, dict(lr=0.01, weight_decay=0.01), (1e-6, 1e-5)),
+    # unamplified by the division by sqrt(v)); fp64 is 2**29 times finer. bf16 parameters
+    # (fp32 master weights, written back through the kernels' param_out) against an fp32
+    # NovoGrad fed the same bf16 gradients: rtol is the rounding of the master to bf16
+    # (at most 2**-8 of the value); atol allows the averaged gradient one bf16 rounding
+    # (2**-8 of it, if the reduction runs in bf16), which NovoGrad's normalised update
+    # passes on as at most lr * 2**-8 per step: 6 steps * 0.01 * 2**-8 = 2.3e-4.
+    return [(bf16, 2, dict(lr=0.01, weight_decay=0.01), (3e-4, 2.0 ** -7)),
+            (f32, 2, dict(lr=0.01, weight_decay=0.01), (1e-6, 1e-5)),
             (f32, 1, dict(lr=0.01, weight_decay=0.01), (1e-6, 1e-5)),
             (f32, 2, dict(lr=0.01, max_grad_norm=0.5, amsgrad=True), (1e-6, 1e-5)),
             (f64, 2, dict(lr=0.01, weight_decay=0.01, reg_inside_moment=False, bias_correction=True),
@@ -500,8 +506,9 @@ def _zero2_compare(rank, world, device) -> Dict:
         init = [torch.randn(s, generator=gen, dtype=torch.float64) for s in SHAPES_GPU]
         weights = [[torch.randn(s, generator=torch.Generator().manual_seed(100 * r + i), dtype=torch.float64)
                     .to(dtype).to(device) for i, s in enumerate(SHAPES_GPU)] for r in range(world)]
+        ref_dtype = torch.promote_types(dtype, torch.float32)  # the reference keeps no master copy
         mine = [torch.nn.Parameter(x.to(dtype).to(device)) for x in init]
-        ref = [torch.nn.Parameter(x.to(dtype).to(device)) for x in init]
+        ref = [torch.nn.Parameter(x.to(dtype).to(ref_dtype).to(device)) for x in init]
         skw = dict(kw)
         max_norm = skw.pop("max_grad_norm", None)
         opt = ShardedNovoGrad(mine, zero_stage=stage, max_grad_norm=max_norm, **skw)
@@ -512,8 +519,12 @@ def _zero2_compare(rank, world, device) -> Dict:
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-            for p, *cs in zip(ref, *weights):  # the mean over ranks of d/dp sum(sin(p) * c_r) * scale
-                p.grad = torch.cos(p.detach()) * (sum(cs) / world) * scale
+            # The mean over ranks of autograd's d/dp sum(sin(p) * c_r) * scale, rounded in the
+            # parameters' dtype as autograd rounds it: (scale * c_r) * cos(p).
+            gs = torch.tensor(scale, dtype=dtype, device=device)
+            for p, *cs in zip(ref, *weights):
+                cos = torch.cos(p.detach().to(dtype))
+                p.grad = sum(((gs * c) * cos).to(ref_dtype) for c in cs) / world
             if max_norm is not None:
                 torch.nn.utils.clip_grad_norm_(ref, max_norm)
             ref_opt.step()
@@ -522,7 +533,8 @@ def _zero2_compare(rank, world, device) -> Dict:
                     for a, b in zip(mine, ref))
         worst_all = max(worst_all, worst)
         out["cases"].append({"dtype": str(dtype), "zero_stage": stage, "kwargs": kw, "close_ratio": worst,
-                             "method": opt.method, "kernels": kernels.backend(mine[0].detach().reshape(-1), None)})
+                             "method": opt.method,
+                             "kernels": kernels.backend(torch.zeros(1, dtype=ref_dtype, device=device), None)})
     out["worst_close_ratio"] = worst_all
     out["ok"] = worst_all <= 1.0
     return out
