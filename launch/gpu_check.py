@@ -19,8 +19,8 @@ the run), inside one overall budget (``--budget``, default 450 s):
    aligned, under ``compute-sanitizer --tool memcheck`` (misaligned or out-of-bounds
    accesses fail the step), with torch's caching allocator off so that every tensor is
    its own allocation and a read past its end is out of bounds.
-4. ``zero2-nccl``: ShardedNovoGrad (ZeRO-1 and ZeRO-2; fp32, fp64, bf16 with fp32 masters; real backward)
-   at world size 1 on a group made by ``init_process_group()`` without a backend
+4. ``zero2-nccl``: ShardedNovoGrad (ZeRO-1 and ZeRO-2; fp32, fp64, and bf16 with fp32
+   masters; real backward) at world size 1 on a group made by ``init_process_group()`` without a backend
    (``cpu:gloo,cuda:nccl``) against the single-process NovoGrad; the collective method
    must be ``reduce_scatter``.
 5. ``zero2-gloo-2ranks``: the same against the reference on 2 ranks sharing the GPU
@@ -109,8 +109,8 @@ def plan(args) -> List[Dict]:
         san = [sanitizer, "--error-exitcode", "99", "--print-limit", "30"]
         # Guard bytes after every allocation: a read just past a tensor's end is caught
         # even where the allocation's rounding would leave it inside the same page.
-        steps.append(dict(name="memcheck", cmd=san + ["--tool", "memcheck", "--padding", "256"] + smoke, timeout=240, env=no_cache,
-                          parse="sanitizer"))
+        steps.append(dict(name="memcheck", cmd=san + ["--tool", "memcheck", "--padding", "256"] + smoke,
+                          timeout=240, env=no_cache, parse="sanitizer"))
     else:
         steps.append(dict(name="memcheck", cmd=smoke, timeout=120, env=no_cache, parse="sanitizer",
                           note="compute-sanitizer not found" + (" (dry run)" if dry else "") +
