@@ -196,8 +196,28 @@ def _grad_problem(i: int, p, g) -> Optional[str]:
     return None
 
 
-def step(optimizer) -> None:
+def _scaler_inputs(optimizer, grad_scaler, device):
+    """``(inv_scale, found_inf, the scaler's per-optimizer state)`` for a GradScaler step."""
+    if grad_scaler is None:
+        return None, None, None
+    from torch.amp.grad_scaler import OptState
+    state = grad_scaler._per_optimizer_states[id(optimizer)]
+    if state["stage"] is OptState.UNSCALED:
+        # scaler.unscale_(optimizer) ran (to clip, say): .grad is unscaled, and its inf
+        # check saw this rank's elements only; the collective sums it over ranks.
+        # A float: one host sync, only on this path.
+        return None, float(sum(float(t) for t in state["found_inf_per_device"].values())), state
+    return 1.0 / grad_scaler._scale.to(device, torch.float64), None, state
+
+
+def step(optimizer, grad_scaler=None) -> None:
     """One NovoGrad step on DTensor parameters. This needs to be called on all ranks.
+
+    Args:
+        optimizer: the NovoGrad being stepped.
+        grad_scaler: the ``torch.amp.GradScaler`` stepping it, or None. Its scale is
+            divided out inside the update, and the skip decision it records for its
+            ``update()`` is the one every rank took (default: None)
 
     Raises:
         RuntimeError: on every rank, with nothing changed, when the ranks' layers or
@@ -249,15 +269,19 @@ def step(optimizer) -> None:
     narrowest = torch.float32 if torch.float32 in state_dtype.values() else torch.float64
     engine = StepEngine(L, plan.group, plan.comm_device, norm_type=math.inf if any_inf else 2,
                         state_dtype=narrowest)
+    inv_scale, found_inf, scaler_state = _scaler_inputs(optimizer, grad_scaler, device)
     red = engine.reduce(sumsq, has_grad, nonfinite, maxabs=maxabs, replication=plan.replication,
-                        problem=problem, digest=digest)
+                        problem=problem, digest=digest, found_inf=found_inf, inv_scale=inv_scale)
+    if scaler_state is not None:  # every rank's scaler.update() then backs off (or grows) alike
+        found = torch.full((), 1.0 if red.skip else 0.0, dtype=torch.float32, device=grad_scaler._scale.device)
+        scaler_state["found_inf_per_device"] = {found.device: found}
     if red.skip:
         front.skipped_steps += 1
         front.skipped, front.grad_norm = red.reason, math.nan
         if C.group_rank(plan.group) == 0:
             logger.warning("%s: NovoGrad step skipped on every rank (%d so far)", red.reason, front.skipped_steps)
         return
-    _update(optimizer, front, plan, red, norm_types, state_dtype, mgn, device)
+    _update(optimizer, front, plan, red, norm_types, state_dtype, mgn, device, inv_scale)
 
 
 def _state_dtypes(groups) -> Dict[int, torch.dtype]:
@@ -270,7 +294,8 @@ def _state_dtypes(groups) -> Dict[int, torch.dtype]:
     return out
 
 
-def _update(optimizer, front: _Front, plan: _Plan, red, norm_types, state_dtype, max_grad_norm, device) -> None:
+def _update(optimizer, front: _Front, plan: _Plan, red, norm_types, state_dtype, max_grad_norm, device,
+            inv_scale) -> None:
     params, groups = plan.params, optimizer.param_groups
     parts: Dict[tuple, List[int]] = {}
     for i, gi in enumerate(plan.layer_group):
@@ -289,7 +314,7 @@ def _update(optimizer, front: _Front, plan: _Plan, red, norm_types, state_dtype,
         t = torch.tensor([float(s["step"]) if s else 0.0 for s in states], dtype=dtype, device=device)
         hp = F.LayerHyper.from_groups(groups, [plan.layer_group[i] for i in idx], dtype, device)
         # v, v_max and t are fresh vectors: state changes only after every check below.
-        coeffs = plan_update(sub, v, v_max, t, hp, norm_type=nt, max_grad_norm=max_grad_norm)
+        coeffs = plan_update(sub, v, v_max, t, hp, norm_type=nt, max_grad_norm=max_grad_norm, inv_scale=inv_scale)
         results.append((idx, v, v_max, t, coeffs))
     expected = plan.group_size / plan.replication.to(stat_dev)
     partial = red.has_grad & (red.holders < expected - 0.5)

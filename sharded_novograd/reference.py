@@ -148,6 +148,9 @@ class NovoGrad(torch.optim.Optimizer):
         if max_grad_norm is not None:
             from . import dtensor
             dtensor.check_max_grad_norm(max_grad_norm, self.param_groups)
+        if _holds_dtensors(self.param_groups):
+            # GradScaler then hands itself to step(): the inf decision is taken across ranks.
+            self._step_supports_amp_scaling = True
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
@@ -175,11 +178,13 @@ class NovoGrad(torch.optim.Optimizer):
         super().load_state_dict(_checked_state_dict(self, state_dict))
 
     @torch.no_grad()
-    def step(self, closure: Optional[Callable] = None):
+    def step(self, closure: Optional[Callable] = None, grad_scaler=None):
         """Perform a single optimization step.
 
         Args:
             closure: a closure that re-evaluates the model and returns the loss (default: None)
+            grad_scaler: passed by ``torch.amp.GradScaler.step`` for DTensor parameters: the
+                step unscales, and skips on every rank alike (default: None)
         """
         deepspeed_step = _deepspeed_step(self)
         if deepspeed_step is not None:
@@ -190,8 +195,11 @@ class NovoGrad(torch.optim.Optimizer):
                 loss = closure()
         if _holds_dtensors(self.param_groups):
             from . import dtensor
-            dtensor.step(self)
+            dtensor.step(self, grad_scaler)
             return loss
+        if grad_scaler is not None:
+            raise RuntimeError("grad_scaler is taken by NovoGrad's DTensor path only; for plain tensors "
+                               "torch.amp.GradScaler unscales the gradients itself")
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:

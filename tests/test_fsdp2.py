@@ -223,6 +223,30 @@ def fsdp_trajectory(rank, world, mesh, hp, *, clip=None, clip_with_torch=False, 
     return out, model, opt, ref
 
 
+def amp_trajectory(rank, world, mesh, *, unscale_and_clip):
+    """torch.amp.GradScaler: scaled losses, a NaN on the last rank at step 1 (skipped on
+    every rank, and every rank's scale backs off), optionally scaler.unscale_ and
+    torch's clip_grad_norm_ before the step."""
+    from torch.amp import GradScaler
+    model = fully_shard_net(Net(0), mesh)
+    opt = NovoGrad(model.parameters(), **HP)
+    scaler = GradScaler("cpu", init_scale=2.0 ** 12, growth_interval=1000)
+    ref = Reference(Net, 0, HP)
+    clip = 0.05 if unscale_and_clip else None
+    for s in range(STEPS):
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(model(batch(s, rank))).backward()
+        if s == 1 and rank == world - 1:
+            model.b1.lin.weight.grad.to_local().view(-1)[0] = float("inf")
+        if unscale_and_clip:
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        scaler.step(opt)
+        scaler.update()
+        ref.step(s, range(world), clip=clip, skip=s == 1)
+    return {"diff": max_diff(model, ref), "state_diff": state_diff(opt, ref), "scale": float(scaler.get_scale())}
+
+
 def collectives_in_step(rank, world, mesh, hp):
     """Collectives of a steady-state step() with NovoGrad, and with torch's AdamW."""
     out = {}
@@ -340,6 +364,8 @@ def world_fsdp(rank, world, ckpt):
     out["clip_option"] = fsdp_trajectory(rank, world, mesh, HP, clip=0.05)[0]
     out["clip_torch"] = fsdp_trajectory(rank, world, mesh, HP, clip=0.05, clip_with_torch=True)[0]
     out["nan"] = fsdp_trajectory(rank, world, mesh, HP, poison=1)[0]
+    out["amp"] = amp_trajectory(rank, world, mesh, unscale_and_clip=False)
+    out["amp_clip"] = amp_trajectory(rank, world, mesh, unscale_and_clip=True)
     out["collectives"] = collectives_in_step(rank, world, mesh, HP)
     apex = {**APEX_INF}
     out["collectives_inf"] = collectives_in_step(rank, world, mesh, apex)
@@ -423,6 +449,21 @@ def test_clipping_agrees(world):
     assert len(norms) == 1 and norms.pop() > 0.05
     # After torch's clip_grad_norm_, the optimizer sees a gradient of norm 0.05.
     assert all(abs(r["clip_torch"]["last"]["grad_norm"] - 0.05) < 1e-5 for r in res)
+
+
+@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("case", ["amp", "amp_clip"])
+def test_grad_scaler(world, case):
+    """Check that under torch.amp.GradScaler the step unscales inside the update, that
+    an inf in one rank's shard skips the step on every rank, and that every rank's
+    scale backs off alike (GradScaler alone decides per rank, which would leave the
+    ranks without the inf waiting in the step's collective); with scaler.unscale_ and
+    clip_grad_norm_ too."""
+    res = results(world)
+    for r in res:
+        a = r[case]
+        assert a["diff"] < TOL and a["state_diff"] < TOL, a
+        assert a["scale"] == 2.0 ** 11, a
 
 
 @pytest.mark.parametrize("world", WORLDS)
