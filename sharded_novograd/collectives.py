@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 __all__ = [
     "METHODS", "backend_for", "pick_method", "group_rank", "group_size", "check_same_plan", "broadcast_flat",
-    "all_reduce_mean", "gather_shards", "all_reduce_stats", "all_gather_stats", "all_reduce_flags",
+    "reduce_gradients", "gather_shards", "all_reduce_stats", "all_gather_stats", "all_reduce_flags",
     "start_bucket_reduce", "start_gather_shards", "all_gather_text", "agree",
 ]
 
@@ -145,10 +145,21 @@ def broadcast_flat(flat: torch.Tensor, group, src: int = 0) -> None:
     dist.broadcast(_flat(flat), src=dist.get_global_rank(group, src), group=group)
 
 
-def all_reduce_mean(flat: torch.Tensor, group) -> torch.Tensor:
-    """Average ``flat`` over the group in place (ZeRO-1 gradients). This needs to be called on all ranks."""
+def reduce_gradients(flat: torch.Tensor, shard: torch.Tensor, method: str, group) -> torch.Tensor:
+    """Sum ZeRO-1's flat gradient buffer over the group; returns this rank's shard of the sum.
+
+    ``"reduce_scatter"`` (NCCL) reduce-scatters into ``shard`` (half an all-reduce's
+    bytes); ``"all_reduce"`` (gloo, whose reduce-scatter is slower) sums in place and
+    returns the shard's view. The caller divides by the group size (folded into the
+    step's scale). This needs to be called on all ranks.
+    """
+    n, r, S = group_size(group), group_rank(group), shard.numel()
+    if method == "reduce_scatter" and n > 1:
+        fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+        fn(_flat(shard), _flat(flat), op=dist.ReduceOp.SUM, group=group)
+        return shard
     dist.all_reduce(_flat(flat), op=dist.ReduceOp.SUM, group=group)
-    return flat.div_(group_size(group))
+    return flat.narrow(0, r * S, S)
 
 
 def gather_shards(flat: torch.Tensor, shard_size: int, method: str, group) -> None:

@@ -104,6 +104,18 @@ class StepEngine:
         self.world_size = C.group_size(group)
         self.rank = C.group_rank(group)
 
+    def _to_device(self, values) -> torch.Tensor:
+        """The step's host-side values on the communication device in ONE copy; on CUDA
+        from pinned memory without waiting (the step's one host sync is the decision).
+        The staging buffer is reused: the previous step's decision already waited for it."""
+        n = len(values)
+        if getattr(self, "_stage", None) is None or self._stage.numel() != n:
+            self._stage = _staging(n, self.comm_device)
+        self._stage.copy_(torch.tensor(values, dtype=torch.float64))
+        if self.comm_device.type == "cpu":
+            return self._stage.clone()
+        return self._stage.to(self.comm_device, non_blocking=True)
+
     def reduce(self, sumsq: torch.Tensor, has_grad: torch.Tensor, nonfinite, *,
                maxabs: Optional[torch.Tensor] = None, replication: Optional[torch.Tensor] = None,
                problem: Optional[str] = None, digest: bytes = b"", found_inf=None, inv_scale=None,
@@ -135,18 +147,31 @@ class StepEngine:
         L, dev, f64 = self.num_layers, self.comm_device, torch.float64
         if len(digest) > DIGEST_COMPONENTS:
             raise ValueError(f"digest of {len(digest)} bytes, at most {DIGEST_COMPONENTS}")
-        comps = torch.tensor(list(digest.ljust(DIGEST_COMPONENTS, b"\0")), dtype=f64)
+        comps = list(digest.ljust(DIGEST_COMPONENTS, b"\0"))
         # Problems count in units, discards in units of _DISCARD: both exact in float64.
-        flags = torch.tensor([(0.0 if problem is None else 1.0) + (_DISCARD if discard else 0.0)], dtype=f64)
-        parts = [sumsq.to(dev, f64).reshape(L), has_grad.to(dev, f64).reshape(L)]
+        flag = (0.0 if problem is None else 1.0) + (_DISCARD if discard else 0.0)
+        host = [flag] + [float(c) for c in comps] + [float(c * c) for c in comps]
+        if found_inf is None or not isinstance(found_inf, torch.Tensor):
+            host.append(0.0 if found_inf is None else float(found_inf))
+            found = None
+        else:
+            found = found_inf.to(dev, f64).reshape(1)
+        on_host = not isinstance(has_grad, torch.Tensor) or has_grad.device.type == "cpu"
+        if on_host:
+            host = [float(h) for h in (has_grad.tolist() if isinstance(has_grad, torch.Tensor) else has_grad)] + host
+        small = self._to_device(host)
+        has_part = small[:L] if on_host else has_grad.to(dev, f64).reshape(L)
+        small = small[L:] if on_host else small
+        flags, comps1, comps2 = small[:1], small[1:1 + DIGEST_COMPONENTS], small[1 + DIGEST_COMPONENTS:-1]
+        found = small[-1:] if found is None else found
+        parts = [sumsq.to(dev, f64).reshape(L), has_part]
         inf_norm = self.norm_type != 2
         if inf_norm:
             if maxabs is None:
                 raise ValueError("norm_type=inf needs the per-layer max-abs")
             parts.append(maxabs.to(dev, f64).reshape(L))
         nonfinite = torch.as_tensor(nonfinite, dtype=f64).to(dev).reshape(1)
-        found = torch.as_tensor(0.0 if found_inf is None else found_inf, dtype=f64).to(dev).reshape(1)
-        parts += [nonfinite, found, flags.to(dev), comps.to(dev), comps.square().to(dev)]
+        parts += [nonfinite, found, flags, comps1, comps2]
         vec = torch.cat(parts)
         if inf_norm:
             every = C.all_gather_stats(vec, self.group)
@@ -199,6 +224,10 @@ class StepEngine:
                   else "a layer's summed squared gradient overflows" if overflow else "")
         return Reduced(sumsq=sums, stat=stat, has_grad=has, skip=bool(reason), reason=reason, total_norm=total,
                        holders=counts)
+
+
+def _staging(n: int, device: torch.device) -> torch.Tensor:
+    return torch.empty(n, dtype=torch.float64, pin_memory=device.type == "cuda")
 
 
 def plan_update(red: Reduced, v: torch.Tensor, v_max: torch.Tensor, t: torch.Tensor, hyper: F.LayerHyper, *,

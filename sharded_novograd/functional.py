@@ -17,6 +17,7 @@ contract, so every preset goes through every path.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -125,18 +126,24 @@ class LayerHyper:
 
     @classmethod
     def from_groups(cls, groups: Sequence[Dict], layer_group: Sequence[int], dtype, device) -> "LayerHyper":
-        """Build the vectors from torch-style param groups; layer i uses ``groups[layer_group[i]]``."""
-        def vec(fn, dt=dtype):
-            return torch.tensor([fn(groups[g]) for g in layer_group], dtype=dt, device=device)
+        """Build the vectors from torch-style param groups; layer i uses ``groups[layer_group[i]]``.
 
-        return cls(
-            lr=vec(lambda g: float(g["lr"])),
-            beta1=vec(lambda g: g["betas"][0]),
-            beta2=vec(lambda g: g["betas"][1]),
-            eps=vec(lambda g: g["eps"]),
-            weight_decay=vec(lambda g: g["weight_decay"]),
-            **{f: vec(lambda g, f=f: g[f], torch.bool) for f in _FLAGS},
-        )
+        One host-to-device copy for all ten vectors (each would otherwise be its own,
+        and on CUDA a copy from pageable memory waits for the stream).
+        """
+        rows = torch.tensor([[float(g["lr"]), g["betas"][0], g["betas"][1], g["eps"], g["weight_decay"]]
+                             + [float(g[f]) for f in _FLAGS] for g in groups], dtype=torch.float64)
+        table = rows[torch.tensor(list(layer_group), dtype=torch.long)].to(device=device)
+        cols = table.t()
+        num = cols[:5].to(dtype)
+        return cls(lr=num[0], beta1=num[1], beta2=num[2], eps=num[3], weight_decay=num[4],
+                   **{f: cols[5 + i] > 0.5 for i, f in enumerate(_FLAGS)})
+
+    def with_lr(self, groups: Sequence[Dict], layer_group: Sequence[int]) -> "LayerHyper":
+        """The same vectors with the learning rates of ``groups`` (a scheduler's change)."""
+        lrs = torch.tensor([float(g["lr"]) for g in groups], dtype=torch.float64)
+        lr = lrs[torch.tensor(list(layer_group), dtype=torch.long)].to(device=self.lr.device, dtype=self.lr.dtype)
+        return dataclasses.replace(self, lr=lr)
 
 
 def layer_update(stat: torch.Tensor, has_grad: torch.Tensor, v: torch.Tensor, v_max: torch.Tensor,

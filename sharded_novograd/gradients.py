@@ -3,7 +3,8 @@
 Three gradient sources feed the step engine the same thing: this rank's shard of the
 rank-averaged gradient, which layers have a gradient here, and the first local problem:
 
-- ZeRO-1 (:func:`all_reduce_gradients`): every ``.grad`` is all-reduced at ``step()``.
+- ZeRO-1 (:func:`all_reduce_gradients`): every ``.grad`` is summed at ``step()``
+  (reduce-scattered on NCCL, all-reduced on gloo).
 - ZeRO-2 (:class:`GradientBuckets`): during backward, shard-aligned buckets are reduced
   to their owners as they fill.
 - Averaged by someone else (:func:`take_averaged`): DDP (which HF Trainer, Accelerate
@@ -35,22 +36,25 @@ def grad_problem(layer: int, p: torch.Tensor) -> Optional[str]:
 
 
 def all_reduce_gradients(params: Sequence[torch.Tensor], layout: ShardLayout, rank: int, buf: torch.Tensor,
-                         group):
-    """ZeRO-1: average every ``.grad`` over the group into ``buf`` (padded_total elements);
-    returns ``(shard view, has-gradient flags, first problem)``. This needs to be called on all ranks."""
-    flat = buf.zero_()
+                         shard: torch.Tensor, method: str, group):
+    """ZeRO-1: average every ``.grad`` over the group (``buf``: padded_total elements,
+    ``shard``: shard_size, reused); returns ``(this rank's shard of the mean, has-gradient
+    flags, first problem)``. Only the shard is divided, not the whole buffer.
+    This needs to be called on all ranks."""
     has = [0.0] * layout.num_layers
     problem = None
     for i, (p, off, numel) in enumerate(zip(params, layout.offsets, layout.numels)):
-        if p.grad is None:
-            continue
-        bad = grad_problem(i, p)
-        problem = problem or bad
+        dst = buf.narrow(0, off, numel)
+        bad = grad_problem(i, p) if p.grad is not None else "no gradient"
+        if p.grad is not None and bad is not None:
+            problem = problem or bad
         if bad is None:
-            flat.narrow(0, off, numel).copy_(p.grad.reshape(-1))
+            dst.copy_(p.grad.reshape(-1))
             has[i] = 1.0
-    C.all_reduce_mean(flat, group)
-    return flat.narrow(0, rank * layout.shard_size, layout.shard_size), has, problem
+        else:
+            dst.zero_()  # only what no gradient overwrites: layers without one, and the padding
+    buf.narrow(0, layout.total, layout.padded_total - layout.total).zero_()
+    return C.reduce_gradients(buf, shard, method, group).div_(C.group_size(group)), has, problem
 
 
 def take_averaged(params: Sequence[torch.Tensor], layout: ShardLayout, rank: int, shard: torch.Tensor):
@@ -174,7 +178,9 @@ class GradientBuckets:
         buf = self.buffers.pop(b)
         start, n, owner = self.ranges[b]
         if owner == self.rank:
-            self.shard_grad.narrow(0, start - self.rank * self.layout.shard_size, n).copy_(buf)
+            # The owner's copy out of the bucket also makes the sum a mean: one pass, not two.
+            lo = start - self.rank * self.layout.shard_size
+            torch.div(buf, self.layout.world_size, out=self.shard_grad.narrow(0, lo, n))
         self.pool.append(self.backing.pop(b))
 
     def too_late(self, layer: int) -> bool:
@@ -189,7 +195,7 @@ class GradientBuckets:
             self._send(self.next_to_send)
 
     def finish(self) -> torch.Tensor:
-        """Send what is left, wait for everything; return this rank's summed gradient shard."""
+        """Send what is left, wait for everything; return this rank's averaged gradient shard."""
         self.send_all()
         while self.in_flight:
             self._drain()

@@ -287,8 +287,13 @@ class ShardedNovoGrad(torch.optim.Optimizer):
                     F.validate_hyperparameters(g)
             except ValueError as e:
                 return f"{e} (param_groups changed after construction)", None
-            self._hyper = F.LayerHyper.from_groups(self.param_groups, self._layer_group,
-                                                   self.state_dtype, self.device)
+            old = self._hyper_key
+            if old is not None and self._hyper is not None and all(
+                    a[1:] == b[1:] for a, b in zip(old, key)):  # only the learning rates changed
+                self._hyper = self._hyper.with_lr(self.param_groups, self._layer_group)
+            else:
+                self._hyper = F.LayerHyper.from_groups(self.param_groups, self._layer_group,
+                                                       self.state_dtype, self.device)
             self._hyper_key = key
             self._digest_base = E.hyper_text(self.param_groups, _HYPER_KEYS)
             self._digest = None
@@ -418,10 +423,7 @@ class ShardedNovoGrad(torch.optim.Optimizer):
             # its statistics collective, which tells the others: all dropping is fine,
             # some is an error on every rank (instead of mismatched collectives).
             if self._buckets is None and self._source != "averaged":
-                if self._grad_flat is None:
-                    self._grad_flat = torch.empty(self.layout.padded_total, dtype=self.state_dtype,
-                                                  device=self.device)
-                all_reduce_gradients(self._params, self.layout, self.rank, self._grad_flat, self.process_group)
+                self._zero1_reduce()
             L = self.layout.num_layers
             zeros = torch.zeros(L, dtype=torch.float64)
             self._engine.reduce(zeros, zeros, 0, maxabs=zeros if self.norm_type != 2 else None,
@@ -463,7 +465,9 @@ class ShardedNovoGrad(torch.optim.Optimizer):
 
     def _reduce_gradients(self, problem: Optional[str]):
         """This rank's shard of the rank-averaged gradient, the local has-gradient flags
-        per layer, and the first local problem found (or None)."""
+        per layer, and the first local problem found (or None). The mean's 1/N is applied
+        as the shard leaves the reduction (not folded into the step's scale: the squares
+        of an N-times larger sum would overflow N**2 times sooner)."""
         lay = self.layout
         if self._source == "unknown":
             self._source = "own"  # no DDP wrote the gradients of the backwards before this step
@@ -485,10 +489,8 @@ class ShardedNovoGrad(torch.optim.Optimizer):
                 bad = ("the last backward's gradients were not averaged by DDP (backward inside DDP's no_sync(), "
                        "or the model is no longer wrapped in DDP): step() after a backward that DDP reduced")
             return shard, has, problem or bad
-        if self._buckets is None:  # ZeRO-1: all-reduce everything, keep .grad
-            if self._grad_flat is None:
-                self._grad_flat = torch.empty(lay.padded_total, dtype=self.state_dtype, device=self.device)
-            shard, has, bad = all_reduce_gradients(self._params, lay, self.rank, self._grad_flat, self.process_group)
+        if self._buckets is None:  # ZeRO-1: reduce everything, keep .grad
+            shard, has, bad = self._zero1_reduce()
             return shard, has, problem or bad
         bk = self._buckets  # ZeRO-2: most gradients already left during backward
         for i, p in enumerate(self._params):
@@ -507,7 +509,16 @@ class ShardedNovoGrad(torch.optim.Optimizer):
             if bad is None:
                 bk.add(i, p.grad)
         has = [1.0 if a else 0.0 for a in bk.arrived]
-        return bk.finish().div_(self.world_size), has, problem
+        return bk.finish(), has, problem
+
+    def _zero1_reduce(self):
+        lay = self.layout
+        if self._grad_flat is None:
+            self._grad_flat = torch.empty(lay.padded_total, dtype=self.state_dtype, device=self.device)
+        if self._grad_shard is None:
+            self._grad_shard = torch.empty(lay.shard_size, dtype=self.state_dtype, device=self.device)
+        return all_reduce_gradients(self._params, lay, self.rank, self._grad_flat, self._grad_shard, self.method,
+                                    self.process_group)
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable] = None, grad_scaler=None):

@@ -38,7 +38,7 @@ WORLD = int(os.environ.get("WORLD_SIZE", "1"))
 class Count:
     """Counts the optimizer's collectives by kind (every one goes through collectives.py)."""
 
-    KINDS = {"all_reduce_mean": "gradient", "start_bucket_reduce": "gradient", "all_reduce_stats": "stats",
+    KINDS = {"reduce_gradients": "gradient", "start_bucket_reduce": "gradient", "all_reduce_stats": "stats",
              "all_gather_stats": "stats", "start_gather_shards": "gather"}
 
     def __init__(self):
