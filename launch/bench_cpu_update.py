@@ -36,7 +36,7 @@ import csv
 import os
 import sys
 import time
-from typing import Callable, Dict, List
+from typing import Dict, List
 
 import torch
 

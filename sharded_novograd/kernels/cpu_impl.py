@@ -24,9 +24,10 @@ squares are accumulated in float64 in a fixed order that depends on neither the 
 count nor the data, then rounded to the gradient's dtype, so they agree with torch_impl
 to rounding (torch squares a rounded norm), and the max-abs is exact.
 
-Threads: ``torch.get_num_threads()`` threads per call, started and joined inside the
-call (no OpenMP pool, so nothing competes with torch's or survives into a fork), at
-least :data:`MIN_PER_THREAD` elements each.
+Threads: ``torch.get_num_threads()`` per call, at least :data:`MIN_PER_THREAD` elements
+each, from a small pool of the library's own (not OpenMP, so no second OpenMP runtime
+competes with torch's); its workers poll briefly after a call, then sleep, and a forked
+child starts a pool of its own instead of waiting on threads it does not have.
 
 ``available()`` is False, with the reason logged once, where the compiler is missing,
 the build fails, or ``SHARDED_NOVOGRAD_CPU_KERNELS=0`` is set; the dispatch in
@@ -40,14 +41,14 @@ import hashlib
 import logging
 import os
 import platform
+import shlex
 import shutil
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 import weakref
-from typing import Optional
+from typing import List, Optional
 
 import torch
 
@@ -86,32 +87,36 @@ def _cache_root() -> str:
     return os.path.join(root, "sharded_novograd_cpu")
 
 
-def _compiler() -> Optional[str]:
-    cxx = os.environ.get("CXX")
+def _compiler() -> Optional[List[str]]:
+    """The compiler command: ``$CXX`` (which may carry arguments, as ``ccache g++``), else the first found."""
+    cxx = shlex.split(os.environ.get("CXX", ""))
     if cxx:
-        return shutil.which(cxx) or (cxx if os.path.isfile(cxx) else None)
+        path = shutil.which(cxx[0]) or (cxx[0] if os.path.isfile(cxx[0]) else None)
+        return [path, *cxx[1:]] if path else None
     for name in ("c++", "g++", "clang++"):
         path = shutil.which(name)
         if path:
-            return path
+            return [path]
     return None
 
 
 def _cpu_identity() -> str:
     """What -march=native depends on: a library built for one CPU may not run on another."""
+    seen = {}
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
             for line in f:
-                if line.startswith(("flags", "Features", "model name")):
-                    return line
+                key = line.split(":", 1)[0].strip()
+                if key in ("model name", "flags", "Features", "CPU part") and key not in seen:
+                    seen[key] = line.strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return "\n".join(seen.values()) or platform.processor() or platform.machine()
 
 
-def _build(cxx: str) -> str:
+def _build(cxx: List[str]) -> str:
     """Compile the library (or find it built), return its path; raise RuntimeError on failure."""
-    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout
+    version = subprocess.run([*cxx, "--version"], capture_output=True, text=True, timeout=60).stdout
     key = hashlib.sha256("\0".join([_SOURCE, " ".join(_FLAGS), version, platform.machine(), _cpu_identity()])
                          .encode()).hexdigest()[:16]
     directory = _cache_root()
@@ -134,11 +139,11 @@ def _build(cxx: str) -> str:
             with open(src, "w") as f:
                 f.write(_SOURCE)
             for flags in (_FLAGS, [f for f in _FLAGS if f != "-march=native"]):
-                done = subprocess.run([cxx, *flags, src, "-o", tmp], capture_output=True, text=True, timeout=600)
+                done = subprocess.run([*cxx, *flags, src, "-o", tmp], capture_output=True, text=True, timeout=600)
                 if done.returncode == 0:
                     break
             else:
-                raise RuntimeError(f"{cxx} failed (exit {done.returncode}): {done.stderr.strip()[-2000:]}")
+                raise RuntimeError(f"{' '.join(cxx)} failed (exit {done.returncode}): {done.stderr.strip()[-2000:]}")
             os.replace(tmp, path)
         finally:
             for leftover in (src, tmp):
