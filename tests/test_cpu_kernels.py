@@ -345,6 +345,20 @@ def test_build_cache(monkeypatch, tmp_path):
     assert not cpu_impl.available() and "SHARDED_NOVOGRAD_CPU_KERNELS=0" in cpu_impl.unavailable_reason()
 
 
+def test_build_falls_back_to_temp_folder(monkeypatch, tmp_path):
+    """Check that an unwritable cache folder (here: below a file) sends the build to the temp folder."""
+    import tempfile
+
+    for name, value in (("_tried", False), ("_lib", None), ("_reason", None), ("_build_seconds", None)):
+        monkeypatch.setattr(cpu_impl, name, value)
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "a_file"))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    assert cpu_impl.available(), cpu_impl.unavailable_reason()
+    assert [f for f in os.listdir(tmp_path / "tmp" / os.listdir(tmp_path / "tmp")[0]) if f.endswith(".so")]
+
+
 def test_threads_survive_fork(monkeypatch):
     """Check that a forked child (as the gloo test ranks are) runs the threaded kernels after the
     parent started its thread pool, instead of waiting forever on the parent's threads."""

@@ -10,8 +10,8 @@ through the fragment table, never from a per-element index.
 The C++ source below has no torch headers. At first use it is compiled with the system
 C++ compiler (``$CXX``, else ``c++``/``g++``/``clang++``) into a shared library cached
 under ``$TORCH_EXTENSIONS_DIR/sharded_novograd_cpu`` (default
-``~/.cache/torch_extensions``), keyed by a hash of the source, the flags, the compiler
-and the CPU, and loaded with ctypes; a build takes about a second and happens once per
+``~/.cache/torch_extensions``; the temp folder where that is not writable), keyed by a
+hash of the source, the flags, the compiler and the CPU, and loaded with ctypes; a build takes about a second and happens once per
 machine, later processes only load the file. Concurrent first uses (forked ranks) take
 a file lock, so one process builds and the others load its result.
 
@@ -120,7 +120,14 @@ def _build(cxx: List[str]) -> str:
     key = hashlib.sha256("\0".join([_SOURCE, " ".join(_FLAGS), version, platform.machine(), _cpu_identity()])
                          .encode()).hexdigest()[:16]
     directory = _cache_root()
-    os.makedirs(directory, exist_ok=True)
+    try:
+        os.makedirs(directory, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=directory)
+        probe.close()
+    except OSError:  # a read-only home: build in the temp folder instead
+        user = os.getuid() if hasattr(os, "getuid") else 0
+        directory = os.path.join(tempfile.gettempdir(), f"sharded_novograd_cpu_{user}")
+        os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, f"sn_cpu_{key}.so")
     if os.path.exists(path):
         return path
