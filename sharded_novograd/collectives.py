@@ -182,7 +182,7 @@ def start_gather_shards(flat: torch.Tensor, shard_size: int, method: str, group)
     if method == "reduce_scatter":
         mine = flat.narrow(0, r * shard_size, shard_size)
         # NCCL documents the in-place form (input is the rank's slice of the output).
-        work = _gather_into(flat, mine if dist.get_backend(group) == "nccl" else mine.clone(), group,
+        work = _gather_into(flat, mine if backend_for(group, flat.device) == "nccl" else mine.clone(), group,
                             async_op=True)
         return [(0, flat.numel(), work)]
     return [(k * shard_size, (k + 1) * shard_size,

@@ -164,6 +164,7 @@ class ShardedNovoGrad(torch.optim.Optimizer):
         self.process_group = process_group if process_group is not None else torch.distributed.group.WORLD
         if C.group_rank(self.process_group) < 0:
             raise RuntimeError("this process is not a member of the process_group passed to ShardedNovoGrad")
+        self._method_request = collective_method
         self.method = C.pick_method(collective_method, self.process_group,
                                     next((p.device for g in self.param_groups for p in g["params"]), None))
         self.rank = C.group_rank(self.process_group)
@@ -447,6 +448,8 @@ class ShardedNovoGrad(torch.optim.Optimizer):
         old = self.device
         self._store.adopt()
         if self.device != old:
+            # The backend that serves the new device decides the collectives (gloo -> NCCL).
+            self.method = C.pick_method(self._method_request, self.process_group, self.device)
             for name in ("_exp_avg", "_v", "_v_max", "_t"):
                 setattr(self, name, getattr(self, name).to(self.device))
             if self._buckets is not None:
