@@ -1035,10 +1035,10 @@ def targets(runs: List[Dict]) -> str:
                 r = get(recs, name)
                 if r is None or "calls" not in r["comm"][0]:
                     continue
-                extra, bulk = split_sharded_calls(r["comm"][0]["calls"], f, N)
+                extra, bulk = split_sharded_calls(r["comm"][0]["calls"], f, N, 1 if name == "sharded_zero1" else 2)
                 ok = len(extra) == 1 and bulk == (4 + f["param_bytes"]) * padded_total(f["P"], N)
                 out.append(f"| {name}: exactly one collective beyond gradient reduction and parameter gather, "
-                           f"of O(L) floats | {model} | {N} | {len(extra)} x {4 * (2 * f['L'] + 2)} B (2L+2 floats, "
+                           f"of O(L) floats | {model} | {N} | {len(extra)} x {8 * param_counts.stats_vector_floats(f['L'], 1 if name == 'sharded_zero1' else 2)} B (O(L) fp64, "
                            f"L={f['L']}); the others move {bulk:,} B = fp32 gradients + parameters of padded P | "
                            f"{'met' if ok else 'MISSED'} |")
             if N == 2 and f.get("dtype", "fp32") == "fp32":  # the bf16 run is a short memory check
@@ -1057,10 +1057,10 @@ def padded_total(P: int, N: int, align: int = 64) -> int:
     return max(N * align, -(-P // (N * align)) * N * align)
 
 
-def split_sharded_calls(calls, facts: Dict, N: int):
-    """ShardedNovoGrad's step collectives: the statistics all-reduce(s) of 2L+2 fp32
+def split_sharded_calls(calls, facts: Dict, N: int, zero_stage: int = 2):
+    """ShardedNovoGrad's step collectives: the statistics all-reduce(s) of 2L+19 (ZeRO-2: 3L+19) fp64
     values, and the total bytes of all the others (gradient reduction, parameter gather)."""
-    stats = 4 * (2 * facts["L"] + 2)
+    stats = 8 * param_counts.stats_vector_floats(facts["L"], zero_stage)
     extra = [c for c in calls if c[0] == "all_reduce" and c[1] == stats]
     return extra, sum(c[1] for c in calls) - sum(c[1] for c in extra)
 

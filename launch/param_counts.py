@@ -90,11 +90,11 @@ def count(arch: Arch) -> Dict[str, int]:
 
 
 # ---------------------------------------------------------------- cost model
-def stats_vector_floats(L: int) -> int:
+def stats_vector_floats(L: int, zero_stage: int = 2) -> int:
     """Length of ShardedNovoGrad's one extra all-reduce (norm_type=2, float64 values): see
-    :func:`sharded_novograd.engine.stats_length`."""
+    :func:`sharded_novograd.engine.stats_length`; ZeRO-2 adds its L bucket-order keys."""
     from sharded_novograd.engine import stats_length
-    return stats_length(L)
+    return stats_length(L, extra=L if zero_stage == 2 else 0)
 
 
 def optimizer_state_bytes(kind: str, P: int, L: int, N: int, param_bytes: int, align: int = 64,
@@ -171,7 +171,7 @@ def comm_per_rank(method: str, P: int, L: int, N: int, grad_comm_bytes: int = 4)
     extra = 0.0
     if method == "sn_zero1":
         grads, params = 2 * f * P * grad_comm_bytes, f * P * 2
-        extra = 2 * f * 8 * stats_vector_floats(L)
+        extra = 2 * f * 8 * stats_vector_floats(L, zero_stage=1)
     elif method == "sn_zero2":
         grads, params = f * P * grad_comm_bytes, f * P * 2
         extra = 2 * f * 8 * stats_vector_floats(L)

@@ -46,11 +46,12 @@ DIGEST_COMPONENTS = 8
 _DISCARD = float(2 ** 26)  # more ranks than this could not tell problems from discards
 
 
-def stats_length(num_layers: int) -> int:
+def stats_length(num_layers: int, extra: int = 0) -> int:
     """Float64 values in the step's one all-reduce (norm_type=2): per-layer sums of squares
-    and has-gradient counts, the non-finite count, GradScaler's flag, the problem flag and
-    the digest's components and their squares."""
-    return 2 * num_layers + 3 + 2 * DIGEST_COMPONENTS
+    and has-gradient counts, the non-finite count, GradScaler's flag, the problem flag,
+    the digest's components and their squares, and ``extra`` values of the front end's
+    (ZeRO-2: the arrival order of its L layers)."""
+    return 2 * num_layers + 3 + 2 * DIGEST_COMPONENTS + extra
 
 
 def settings_digest(text: str) -> bytes:
@@ -69,6 +70,7 @@ class Reduced:
         skip: the step must be skipped (non-finite values, GradScaler's inf, overflow).
         reason: why it is skipped, for the log.
         total_norm: float64 0-dim, L2 norm of the whole (unscaled) gradient.
+        extra: the front end's extra values, summed over the ranks, as a list (or None).
         holders: float64 ``[L]``, the number of ranks that hold a gradient for the layer,
             divided by its replication factor (a front end checks it is all or none).
     """
@@ -80,6 +82,7 @@ class Reduced:
     reason: str
     total_norm: torch.Tensor
     holders: Optional[torch.Tensor] = None
+    extra: Optional[list] = None
 
 
 class StepEngine:
@@ -119,7 +122,7 @@ class StepEngine:
     def reduce(self, sumsq: torch.Tensor, has_grad: torch.Tensor, nonfinite, *,
                maxabs: Optional[torch.Tensor] = None, replication: Optional[torch.Tensor] = None,
                problem: Optional[str] = None, digest: bytes = b"", found_inf=None, inv_scale=None,
-               discard: bool = False) -> Optional[Reduced]:
+               discard: bool = False, extra: Optional[torch.Tensor] = None) -> Optional[Reduced]:
         """Make this rank's partial statistics global. This needs to be called on all ranks.
 
         Args:
@@ -139,6 +142,8 @@ class StepEngine:
                 ``zero_grad()`` after backward). If every rank does, returns None; if only
                 some do, every rank raises instead of pairing the steppers' collectives
                 with the others' next ones (default: False)
+            extra: values summed over the ranks in the same collective and returned as
+                ``Reduced.extra`` (default: None)
 
         Raises:
             RuntimeError: on every rank, when a rank had a problem, the digests differ, or
@@ -159,11 +164,20 @@ class StepEngine:
         on_host = not isinstance(has_grad, torch.Tensor) or has_grad.device.type == "cpu"
         if on_host:
             host = [float(h) for h in (has_grad.tolist() if isinstance(has_grad, torch.Tensor) else has_grad)] + host
+        extra_on_host = extra is not None and (not isinstance(extra, torch.Tensor) or extra.device.type == "cpu")
+        n_extra = 0
+        if extra_on_host:
+            values = extra.reshape(-1).tolist() if isinstance(extra, torch.Tensor) else list(extra)
+            n_extra = len(values)
+            host = host + [float(x) for x in values]
         small = self._to_device(host)
+        if extra_on_host:
+            extra, small = small[len(small) - n_extra:], small[:len(small) - n_extra]
         has_part = small[:L] if on_host else has_grad.to(dev, f64).reshape(L)
         small = small[L:] if on_host else small
-        flags, comps1, comps2 = small[:1], small[1:1 + DIGEST_COMPONENTS], small[1 + DIGEST_COMPONENTS:-1]
-        found = small[-1:] if found is None else found
+        D = DIGEST_COMPONENTS
+        flags, comps1, comps2 = small[:1], small[1:1 + D], small[1 + D:1 + 2 * D]
+        found = small[1 + 2 * D:2 + 2 * D] if found is None else found
         parts = [sumsq.to(dev, f64).reshape(L), has_part]
         inf_norm = self.norm_type != 2
         if inf_norm:
@@ -172,6 +186,8 @@ class StepEngine:
             parts.append(maxabs.to(dev, f64).reshape(L))
         nonfinite = torch.as_tensor(nonfinite, dtype=f64).to(dev).reshape(1)
         parts += [nonfinite, found, flags, comps1, comps2]
+        if extra is not None:
+            parts.append(extra.to(dev, f64).reshape(-1))
         vec = torch.cat(parts)
         if inf_norm:
             every = C.all_gather_stats(vec, self.group)
@@ -182,7 +198,9 @@ class StepEngine:
         k = 3 * L if inf_norm else 2 * L
         sums, counts = vec[:L], vec[L:2 * L]
         nonfinite, found, bad = vec[k], vec[k + 1], vec[k + 2]
-        s1, s2 = vec[k + 3:k + 3 + DIGEST_COMPONENTS], vec[k + 3 + DIGEST_COMPONENTS:]
+        s1 = vec[k + 3:k + 3 + DIGEST_COMPONENTS]
+        s2 = vec[k + 3 + DIGEST_COMPONENTS:k + 3 + 2 * DIGEST_COMPONENTS]
+        summed_extra = vec[k + 3 + 2 * DIGEST_COMPONENTS:] if extra is not None else None
         disagree = (s2 * self.world_size != s1.square()).any()
         if replication is not None:
             rep = replication.to(dev, f64)
@@ -200,8 +218,12 @@ class StepEngine:
         overflow = (has & ~(sums <= self.state_max)).any() if not inf_norm else torch.zeros((), dtype=torch.bool)
         total = sums.sum().sqrt()
         # The step's one host sync: every decision below is taken from these values.
-        bad, disagree, nonfinite, found, overflow, any_grad = torch.stack([
-            bad, disagree.to(f64), nonfinite, found, overflow.to(dev, f64), has.any().to(f64)]).tolist()
+        decided = torch.stack([bad, disagree.to(f64), nonfinite, found, overflow.to(dev, f64), has.any().to(f64)])
+        if summed_extra is not None:
+            decided = torch.cat([decided, summed_extra])
+        decided = decided.tolist()
+        bad, disagree, nonfinite, found, overflow, any_grad = decided[:6]
+        summed_extra = decided[6:] if summed_extra is not None else None
         discards, bad = divmod(int(bad), int(_DISCARD))
         if discards == self.world_size:
             return None
@@ -223,7 +245,7 @@ class StepEngine:
         reason = ("non-finite gradient" if nonfinite else "GradScaler found an inf or NaN" if found
                   else "a layer's summed squared gradient overflows" if overflow else "")
         return Reduced(sumsq=sums, stat=stat, has_grad=has, skip=bool(reason), reason=reason, total_norm=total,
-                       holders=counts)
+                       holders=counts, extra=summed_extra)
 
 
 def _staging(n: int, device: torch.device) -> torch.Tensor:

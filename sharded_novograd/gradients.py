@@ -87,10 +87,13 @@ class GradientBuckets:
     bucket has exactly one owner. A post-accumulate-grad hook copies each layer's
     gradient into the buckets it overlaps and frees ``.grad``; a bucket whose layers
     have all arrived is reduced asynchronously to its owner. Buckets are sent in one
-    fixed order (descending flat offset, the order backward produces gradients), so
-    every rank issues the same collectives in the same order even when their graphs
-    use different parameters; buckets still incomplete when backward ends are sent
-    then (an end-of-backward callback), or at ``step()`` when no backward ran.
+    order that every rank shares, so every rank issues the same collectives in the
+    same order even when their graphs use different parameters: descending flat offset
+    at first, then (:meth:`set_order`) the order in which their last layer arrived at
+    the previous step, summed over the ranks in the step's one collective, so a layer
+    that backward never reaches (unused) holds back only the buckets it is in, not all
+    those after it. Buckets still incomplete when backward ends are sent then (an
+    end-of-backward callback), or at ``step()`` when no backward ran.
     At most ``max_in_flight`` buckets are in flight: peak gradient memory is a few
     buckets plus the shard. Bucket buffers and the shard are reused across steps
     (fresh large buffers cost a page fault per 4 KiB on CPU).
@@ -123,7 +126,17 @@ class GradientBuckets:
         for b, (start, n, _) in enumerate(self.ranges):
             end = max((o + k for _, o, k in self.contents[b]), default=0)
             self.gaps.append((end, n - end) if end < n else None)
+        self.order = list(range(len(self.ranges) - 1, -1, -1))
         self.reset()
+
+    def set_order(self, layer_keys: Sequence[float]) -> None:
+        """Send buckets by ascending key of their last layer (ties: descending offset).
+
+        ``layer_keys`` must be identical on every rank (the step's reduced arrival order):
+        the send order is part of the collective protocol."""
+        keys = [max((layer_keys[layer] for layer, _, _ in self.contents[b]), default=-1.0)
+                for b in range(len(self.ranges))]
+        self.order = sorted(range(len(self.ranges)), key=lambda b: (keys[b], -b))
 
     def reset(self) -> None:
         self.peak_elements = 0  # most gradient elements buffered at once, this step
@@ -131,7 +144,8 @@ class GradientBuckets:
         self.backing: Dict[int, torch.Tensor] = {}
         self.pending = list(self.members)
         self.arrived = [False] * self.layout.num_layers
-        self.next_to_send = len(self.ranges) - 1
+        self.sent = [False] * len(self.ranges)
+        self.pos = 0  # buckets sent this step: order[:pos]
         self.in_flight: List[tuple] = []
 
     def _buffer(self, b: int) -> torch.Tensor:
@@ -157,8 +171,8 @@ class GradientBuckets:
         for b, off, boff, n in reversed(self.pieces[layer]):
             self._buffer(b).narrow(0, boff, n).copy_(flat.narrow(0, off, n))
             self.pending[b] -= 1
-            while self.next_to_send >= 0 and self.pending[self.next_to_send] == 0:
-                self._send(self.next_to_send)
+            while self.pos < len(self.order) and self.pending[self.order[self.pos]] == 0:
+                self._send(self.order[self.pos])
 
     def _send(self, b: int) -> None:
         owner = self.ranges[b][2]
@@ -168,7 +182,8 @@ class GradientBuckets:
                 buf.narrow(0, off, n).zero_()
         work = C.start_bucket_reduce(buf, owner, self.method, self.group)
         self.in_flight.append((b, work))
-        self.next_to_send = b - 1
+        self.sent[b] = True
+        self.pos += 1
         while len(self.in_flight) > self.max_in_flight:
             self._drain()
 
@@ -185,14 +200,14 @@ class GradientBuckets:
 
     def too_late(self, layer: int) -> bool:
         """Whether a bucket holding ``layer`` was already sent this step."""
-        return any(b > self.next_to_send for b, _, _, _ in self.pieces[layer])
+        return any(self.sent[b] for b, _, _, _ in self.pieces[layer])
 
     def started(self) -> bool:
-        return any(self.arrived) or self.next_to_send < len(self.ranges) - 1
+        return any(self.arrived) or self.pos > 0
 
     def send_all(self) -> None:
-        while self.next_to_send >= 0:
-            self._send(self.next_to_send)
+        while self.pos < len(self.order):
+            self._send(self.order[self.pos])
 
     def finish(self) -> torch.Tensor:
         """Send what is left, wait for everything; return this rank's averaged gradient shard."""

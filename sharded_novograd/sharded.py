@@ -37,6 +37,7 @@ logger = logging.getLogger(__name__)
 # at N=2). CUDA: 32 MiB, the order of DDP's 25 MB buckets (not yet measured here).
 DEFAULT_BUCKET_SIZE = {"cpu": 1 << 20, "cuda": 1 << 23}
 _OWNER = "_sharded_novograd_owner"
+_UNUSED = float(2 ** 30)  # arrival key of a layer that got no gradient (sorts after every arrival)
 _HYPER_KEYS = ("lr", "betas", "eps", "weight_decay", "grad_averaging", "amsgrad", "reg_inside_moment",
                "bias_correction", "init_zero", "norm_type")
 
@@ -183,6 +184,7 @@ class ShardedNovoGrad(torch.optim.Optimizer):
         self._reduced_elsewhere = False  # the last backward's gradients were written by DDP
         self._sync_backwards = 0  # backwards outside no_sync() since the last step
         self._backward_since_step = False
+        self._reset_arrivals()
         self._grad_flat = None  # ZeRO-1's gradient buffer, reused across steps
         self._grad_shard = None  # the shard buffer for gradients averaged elsewhere
         self._buckets = None
@@ -196,6 +198,12 @@ class ShardedNovoGrad(torch.optim.Optimizer):
         self._skipped = 0
         self._grad_norm = float("nan")
         self._total_norm = None
+
+    def _reset_arrivals(self) -> None:
+        # ZeRO-2: the order of this step's gradient arrivals (unused layers last), summed
+        # over the ranks in the step's collective, orders the next step's buckets.
+        self._arrival = [_UNUSED] * len(getattr(self, "_params", ()))
+        self._arrivals = 0
 
     def _first_device(self) -> torch.device:
         for g in self.param_groups:
@@ -350,6 +358,9 @@ class ShardedNovoGrad(torch.optim.Optimizer):
             self._flush_queued = True
         self._hooked[layer] = (id(g), g._version)
         self._backward_since_step = True
+        if self._buckets is not None:
+            self._arrival[layer] = float(self._arrivals)
+            self._arrivals += 1
         bk = self._buckets
         if (bk is None or self._source != "own" or not self._sync or bk.arrived[layer] or bk.too_late(layer)
                 or grad_problem(layer, p)):
@@ -428,7 +439,8 @@ class ShardedNovoGrad(torch.optim.Optimizer):
             L = self.layout.num_layers
             zeros = torch.zeros(L, dtype=torch.float64)
             self._engine.reduce(zeros, zeros, 0, maxabs=zeros if self.norm_type != 2 else None,
-                                digest=self._digest or b"", discard=True)
+                                digest=self._digest or b"", discard=True, extra=self._arrival_vector())
+            self._reset_arrivals()
 
     def _local_problems(self) -> Optional[str]:
         """Problems found before any collective: parameters that cannot be re-adopted,
@@ -465,6 +477,11 @@ class ShardedNovoGrad(torch.optim.Optimizer):
                            "(model.to(), p.data = ...); took their current values on %s as the truth",
                            len(moved), self.device)
         return None
+
+    def _arrival_vector(self) -> Optional[List[float]]:
+        if self._buckets is None:
+            return None
+        return self._arrival
 
     def _reduce_gradients(self, problem: Optional[str]):
         """This rank's shard of the rank-averaged gradient, the local has-gradient flags
@@ -552,6 +569,7 @@ class ShardedNovoGrad(torch.optim.Optimizer):
             self._hooked = {}
             self._sync_backwards = 0
             self._backward_since_step = False
+            self._reset_arrivals()
             if self._buckets is not None:
                 self._buckets.reset()
                 for p in self._params:
@@ -588,7 +606,9 @@ class ShardedNovoGrad(torch.optim.Optimizer):
         nonfinite = (~torch.isfinite(st[L:2 * L])).sum() if max_abs else st[2 * L]
         red = self._engine.reduce(st[:L], torch.tensor(has, dtype=torch.float64), nonfinite,
                                   maxabs=st[L:2 * L] if max_abs else None, problem=problem,
-                                  digest=self._digest or b"", inv_scale=inv_scale)
+                                  digest=self._digest or b"", inv_scale=inv_scale, extra=self._arrival_vector())
+        if red.extra is not None:
+            self._buckets.set_order(red.extra)
         if red.skip:
             self._skipped += 1
             self._grad_norm, self._total_norm = float("nan"), None

@@ -227,12 +227,45 @@ def zero_grad_instead_of_step(rank, world):
     return out
 
 
+def unused_last_layer(rank, world):
+    """ZeRO-2 with small buckets and a large last layer (in flat order) that backward never
+    reaches: its buckets used to hold back every other bucket until backward ended, so the
+    whole model's gradients were buffered at once."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(*[torch.nn.Linear(16, 16).double() for _ in range(4)])
+    unused = torch.nn.Parameter(torch.randn(1024, dtype=torch.float64))
+    ref_net = torch.nn.Sequential(*[torch.nn.Linear(16, 16).double() for _ in range(4)])
+    ref_net.load_state_dict(net.state_dict())
+    ref_unused = torch.nn.Parameter(unused.detach().clone())
+    opt = ShardedNovoGrad(list(net.parameters()) + [unused], lr=0.01, bucket_size=64)
+    ref = NovoGrad(list(ref_net.parameters()) + [ref_unused], lr=0.01)
+    peaks, sent = [], []
+    for step in range(4):
+        x = torch.randn(8, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(10 * step + rank))
+        net(x).square().mean().backward()
+        peaks.append(opt._buckets.peak_elements)
+        sent.append(opt._buckets.pos)
+        opt.step()
+        opt.zero_grad()
+        for r in range(world):
+            xr = torch.randn(8, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(10 * step + r))
+            (ref_net(xr).square().mean() / world).backward()
+        ref.step()
+        ref.zero_grad()
+    err = max(close_ratio(p, q, 1e-10, 1e-12) for p, q in zip(list(net.parameters()) + [unused],
+                                                             list(ref_net.parameters()) + [ref_unused]))
+    return {"peaks": peaks, "sent": sent, "buckets": len(opt._buckets.ranges),
+            "used_elements": sum(p.numel() for p in net.parameters()), "err": err,
+            "unused_unchanged": torch.equal(unused, ref_unused)}
+
+
 def all_scenarios(rank, world):
     torch.manual_seed(0)
     return {"overflow": overflow_after_reduce(rank, world), "clip": clip_total_overflow(rank, world),
             "differ": settings_differ(rank, world), "invalid": invalid_on_one_rank(rank, world),
             "unfrozen": unfrozen_later(rank, world), "inf_norm": inf_norm_large(rank, world),
-            "state": bad_state_dict(rank, world), "zero_grad": zero_grad_instead_of_step(rank, world)}
+            "state": bad_state_dict(rank, world), "zero_grad": zero_grad_instead_of_step(rank, world),
+            "unused": unused_last_layer(rank, world)}
 
 
 def results(world):
@@ -343,3 +376,15 @@ def test_zero_grad_on_some_ranks_instead_of_step(stage, first):
         o = r["zero_grad"][(stage, first)]
         assert o["error"] and "zero_grad() after backward without step()" in o["error"] and o["unchanged"], o
         assert o["all_dropped"] == {"error": None, "unchanged": True} and o["then_steps"], o
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_unused_last_layer_holds_back_no_bucket(world):
+    """Check that from the second step (ordered by the first step's arrivals, agreed in the
+    step's collective) an unused last layer no longer makes ZeRO-2 buffer every gradient:
+    at most a few 64-element buckets are buffered at once, and the result is exact."""
+    for r in results(world):
+        u = r["unused"]
+        assert u["err"] <= 1.0 and u["unused_unchanged"], u
+        assert all(p <= 4 * 64 for p in u["peaks"][1:]), u
+        assert u["used_elements"] > 4 * 4 * 64 // world, u  # the old order buffered all of them
