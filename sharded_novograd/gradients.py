@@ -36,10 +36,11 @@ def grad_problem(layer: int, p: torch.Tensor) -> Optional[str]:
 
 
 def all_reduce_gradients(params: Sequence[torch.Tensor], layout: ShardLayout, rank: int, buf: torch.Tensor,
-                         shard: torch.Tensor, method: str, group):
-    """ZeRO-1: average every ``.grad`` over the group (``buf``: padded_total elements,
-    ``shard``: shard_size, reused); returns ``(this rank's shard of the mean, has-gradient
-    flags, first problem)``. Only the shard is divided, not the whole buffer.
+                         shard: torch.Tensor, out: torch.Tensor, method: str, group):
+    """ZeRO-1: average every ``.grad`` over the group (``buf``: padded_total elements and
+    ``shard``: shard_size, both in the reduce dtype; ``out``: shard_size in the state
+    dtype; all reused); returns ``(out holding the mean, has-gradient flags, first problem)``.
+    Only the shard is divided (and cast), in one pass, not the whole buffer.
     This needs to be called on all ranks."""
     has = [0.0] * layout.num_layers
     problem = None
@@ -54,7 +55,7 @@ def all_reduce_gradients(params: Sequence[torch.Tensor], layout: ShardLayout, ra
         else:
             dst.zero_()  # only what no gradient overwrites: layers without one, and the padding
     buf.narrow(0, layout.total, layout.padded_total - layout.total).zero_()
-    return C.reduce_gradients(buf, shard, method, group).div_(C.group_size(group)), has, problem
+    return torch.div(C.reduce_gradients(buf, shard, method, group), C.group_size(group), out=out), has, problem
 
 
 def take_averaged(params: Sequence[torch.Tensor], layout: ShardLayout, rank: int, shard: torch.Tensor):
@@ -100,14 +101,14 @@ class GradientBuckets:
     """
 
     def __init__(self, layout: ShardLayout, rank: int, bucket_size: int, dtype, device, method: str, group,
-                 max_in_flight: int = 2):
+                 max_in_flight: int = 2, shard_dtype=None):
         S = layout.shard_size
-        self.layout, self.rank, self.dtype, self.device = layout, rank, dtype, device
+        self.layout, self.rank, self.dtype, self.device = layout, rank, dtype, device  # dtype: on the wire
         self.method, self.group, self.max_in_flight = method, group, max_in_flight
         self.bucket_len = min(bucket_size, S)
         self.pool: List[torch.Tensor] = []
         # This rank's buckets tile its range, so draining them rewrites every element.
-        self.shard_grad = torch.empty(S, dtype=dtype, device=device)
+        self.shard_grad = torch.empty(S, dtype=shard_dtype or dtype, device=device)
         self.ranges = [(r * S + lo, min(bucket_size, S - lo), r)  # (flat start, length, owner)
                        for r in range(layout.world_size) for lo in range(0, S, bucket_size)]
         # For each layer: (bucket, offset in layer, offset in bucket, numel).

@@ -115,6 +115,11 @@ class ShardedNovoGrad(torch.optim.Optimizer):
             elements (default: 64)
         bucket_size: ZeRO-2 gradient bucket size in elements; None picks 2**20 on CPU
             and 2**23 on CUDA (default: None)
+        reduce_dtype: the dtype gradients are summed in over the ranks, as FSDP2's
+            ``MixedPrecisionPolicy(reduce_dtype=...)``; None sums in the state dtype (fp32
+            for bf16/fp16 models: exact averaging at twice the bytes of bf16);
+            ``torch.bfloat16`` halves the gradient traffic of a bf16 model, rounding the
+            sum to bf16 (default: None)
     """
 
     _step_supports_amp_scaling = True
@@ -125,7 +130,7 @@ class ShardedNovoGrad(torch.optim.Optimizer):
                  norm_type: float = 2, process_group=None, zero_stage: int = 2,
                  max_grad_norm: Optional[float] = None, grads_averaged: Optional[bool] = None,
                  fused: Optional[bool] = None, collective_method: str = "auto", align: int = DEFAULT_ALIGN,
-                 bucket_size: Optional[int] = None):
+                 bucket_size: Optional[int] = None, reduce_dtype: Optional[torch.dtype] = None):
         defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
                         weight_decay=weight_decay, grad_averaging=grad_averaging, amsgrad=amsgrad,
                         reg_inside_moment=reg_inside_moment, bias_correction=bias_correction,
@@ -141,6 +146,9 @@ class ShardedNovoGrad(torch.optim.Optimizer):
             raise ValueError(f"Invalid bucket_size: {bucket_size!r} (expected None or an int >= 1, in elements)")
         if fused not in (None, True, False):
             raise ValueError(f"Invalid fused: {fused!r} (expected None, True or False)")
+        if reduce_dtype is not None and (not isinstance(reduce_dtype, torch.dtype)
+                                         or not reduce_dtype.is_floating_point):
+            raise ValueError(f"Invalid reduce_dtype: {reduce_dtype!r} (expected None or a floating-point torch.dtype)")
         if grads_averaged not in (None, True, False):
             raise ValueError(f"Invalid grads_averaged: {grads_averaged!r} (expected None, True or False)")
         if not torch.distributed.is_available() or not torch.distributed.is_initialized():
@@ -175,6 +183,7 @@ class ShardedNovoGrad(torch.optim.Optimizer):
         if bucket_size is None:
             bucket_size = DEFAULT_BUCKET_SIZE.get(self._first_device().type, DEFAULT_BUCKET_SIZE["cuda"])
         self.bucket_size = bucket_size if zero_stage == 2 else None
+        self._reduce_dtype_request = reduce_dtype
         self._build(align)
         self._pending_gather: List[tuple] = []  # (flat start, flat end, work) after attach()
         self._attached = False
@@ -189,8 +198,8 @@ class ShardedNovoGrad(torch.optim.Optimizer):
         self._grad_shard = None  # the shard buffer for gradients averaged elsewhere
         self._buckets = None
         if zero_stage == 2:
-            self._buckets = GradientBuckets(self.layout, self.rank, bucket_size, self.state_dtype, self.device,
-                                            self.method, self.process_group)
+            self._buckets = GradientBuckets(self.layout, self.rank, bucket_size, self.reduce_dtype, self.device,
+                                            self.method, self.process_group, shard_dtype=self.state_dtype)
         owner = weakref.ref(self)
         for i, p in enumerate(self._params):
             setattr(p, _OWNER, owner)
@@ -250,10 +259,12 @@ class ShardedNovoGrad(torch.optim.Optimizer):
             raise ValueError("ShardedNovoGrad does not support sparse parameters")
         self.param_dtype = first.dtype
         self.state_dtype = torch.promote_types(first.dtype, torch.float32)
+        self.reduce_dtype = self._reduce_dtype_request or self.state_dtype
         self.layout = ShardLayout(tuple(tuple(p.shape) for p in self._params), self.world_size, align)
         lines = self.layout.describe() + [f"dtype={self.param_dtype}", f"zero_stage={self.zero_stage}",
                                           f"norm_type={self.norm_type}", f"method={self.method}",
-                                          f"bucket_size={self.bucket_size}", f"max_grad_norm={self.max_grad_norm}"]
+                                          f"bucket_size={self.bucket_size}", f"max_grad_norm={self.max_grad_norm}",
+                                          f"reduce_dtype={self.reduce_dtype}"]
         lines += [f"layer {i}: group={g}" for i, g in enumerate(self._layer_group)]
         self._plan_digest = hashlib.sha256("\n".join(lines).encode()).digest()
         C.check_same_plan(lines, self._plan_digest, self.process_group, first.device)
@@ -465,8 +476,9 @@ class ShardedNovoGrad(torch.optim.Optimizer):
             for name in ("_exp_avg", "_v", "_v_max", "_t"):
                 setattr(self, name, getattr(self, name).to(self.device))
             if self._buckets is not None:
-                self._buckets = GradientBuckets(self.layout, self.rank, self.bucket_size, self.state_dtype,
-                                                self.device, self.method, self.process_group)
+                self._buckets = GradientBuckets(self.layout, self.rank, self.bucket_size, self.reduce_dtype,
+                                                self.device, self.method, self.process_group,
+                                                shard_dtype=self.state_dtype)
             self._grad_flat = self._grad_shard = None
             self._hyper_key = None
             self._engine = E.StepEngine(self.layout.num_layers, self.process_group, self.device,
@@ -534,11 +546,12 @@ class ShardedNovoGrad(torch.optim.Optimizer):
     def _zero1_reduce(self):
         lay = self.layout
         if self._grad_flat is None:
-            self._grad_flat = torch.empty(lay.padded_total, dtype=self.state_dtype, device=self.device)
+            self._grad_flat = torch.empty(lay.padded_total, dtype=self.reduce_dtype, device=self.device)
+            self._grad_wire = torch.empty(lay.shard_size, dtype=self.reduce_dtype, device=self.device)
         if self._grad_shard is None:
             self._grad_shard = torch.empty(lay.shard_size, dtype=self.state_dtype, device=self.device)
-        return all_reduce_gradients(self._params, lay, self.rank, self._grad_flat, self._grad_shard, self.method,
-                                    self.process_group)
+        return all_reduce_gradients(self._params, lay, self.rank, self._grad_flat, self._grad_wire,
+                                    self._grad_shard, self.method, self.process_group)
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable] = None, grad_scaler=None):

@@ -259,13 +259,40 @@ def unused_last_layer(rank, world):
             "unused_unchanged": torch.equal(unused, ref_unused)}
 
 
+def bf16_reduce(rank, world):
+    """bf16 parameters with reduce_dtype=torch.bfloat16: gradients travel in bf16 (half the
+    bytes), and the result equals the reference fed the bf16-rounded sum divided by N."""
+    out = {}
+    for stage in (1, 2):
+        params = make_params(SHAPES, torch.bfloat16)
+        ref = [torch.nn.Parameter(p.detach().float()) for p in params]
+        opt = ShardedNovoGrad(params, lr=0.01, zero_stage=stage, reduce_dtype=torch.bfloat16)
+        refopt = NovoGrad(ref, lr=0.01)
+        for step in range(3):
+            grads = [[torch.randn(p.shape, generator=torch.Generator().manual_seed(100 * step + 10 * i + r))
+                      .to(torch.bfloat16) for i, p in enumerate(params)] for r in range(world)]
+            for p, g in zip(params, grads[rank]):
+                p.grad = g.clone()
+            opt.step()
+            for i, q in enumerate(ref):
+                total = grads[0][i]
+                for r in range(1, world):  # summed in bf16, rounded after each addition
+                    total = (total.float() + grads[r][i].float()).to(torch.bfloat16)
+                q.grad = total.float() / world
+            refopt.step()
+        wire = opt._buckets.dtype if stage == 2 else opt._grad_flat.dtype
+        out[stage] = {"err": max(close_ratio(p.float(), q, 2.0 ** -8, 1e-6) for p, q in zip(params, ref)),
+                      "wire": str(wire)}
+    return out
+
+
 def all_scenarios(rank, world):
     torch.manual_seed(0)
     return {"overflow": overflow_after_reduce(rank, world), "clip": clip_total_overflow(rank, world),
             "differ": settings_differ(rank, world), "invalid": invalid_on_one_rank(rank, world),
             "unfrozen": unfrozen_later(rank, world), "inf_norm": inf_norm_large(rank, world),
             "state": bad_state_dict(rank, world), "zero_grad": zero_grad_instead_of_step(rank, world),
-            "unused": unused_last_layer(rank, world)}
+            "unused": unused_last_layer(rank, world), "bf16_reduce": bf16_reduce(rank, world)}
 
 
 def results(world):
@@ -388,3 +415,14 @@ def test_unused_last_layer_holds_back_no_bucket(world):
         assert u["err"] <= 1.0 and u["unused_unchanged"], u
         assert all(p <= 4 * 64 for p in u["peaks"][1:]), u
         assert u["used_elements"] > 4 * 4 * 64 // world, u  # the old order buffered all of them
+
+
+@pytest.mark.parametrize("world", [1, 2])
+@pytest.mark.parametrize("stage", [1, 2])
+def test_reduce_dtype_bf16(world, stage):
+    """Check that reduce_dtype=torch.bfloat16 sends bf16 gradients and equals the reference
+    fed the bf16 sum over ranks divided by N (parameters within one bf16 ulp: they are the
+    fp32 master weights rounded)."""
+    for r in results(world):
+        o = r["bf16_reduce"][stage]
+        assert o["wire"] == "torch.bfloat16" and o["err"] <= 1.0, o
