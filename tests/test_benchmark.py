@@ -70,3 +70,37 @@ def test_two_ranks_two_variants(tmp_path):
     text = (docs / "benchmarks.md").read_text()
     assert "## Training step benchmark (CPU, gloo)" in text and "ShardedNovoGrad zero_stage=2" in text
     assert (docs / "bench_step_time_ratio.png").stat().st_size > 0
+
+
+@pytest.mark.timeout(60)
+def test_overhead_smoke(tmp_path):
+    """Check that launch/bench_overhead.py --smoke (world size 1, no torchrun) writes
+    every (set-up, metric) row, with times measured and the counters seeing the
+    step's collective and its host read (the skip decision)."""
+    out = tmp_path / "overhead.csv"
+    proc = _run([sys.executable, os.path.join(ROOT, "launch", "bench_overhead.py"), "--smoke", "--out", str(out)],
+                timeout=50)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(out, newline="") as f:
+        reader = csv.DictReader(f)
+        assert reader.fieldnames == ["impl", "L", "world", "metric", "p20", "p50", "p80"]
+        got = {(r["impl"], r["metric"]): r for r in reader}
+    impls = ("sharded_zero1", "sharded_zero1_lr", "sharded_zero2", "sharded_zero2_lr", "ddp_novograd",
+             "ddp_adamw_foreach")
+    for impl in impls:
+        for metric in ("step_us", "backward_us", "backward_overhead_us_per_param", "collectives_backward",
+                       "collectives_step", "host_reads_per_step"):
+            row = got[(impl, metric)]
+            assert (row["L"], row["world"]) == ("50", "1"), row
+            assert float(row["p20"]) <= float(row["p50"]) <= float(row["p80"]), row
+        assert float(got[(impl, "step_us")]["p50"]) > 0 and float(got[(impl, "backward_us")]["p50"]) > 0
+        assert ((impl, "hook_us_per_param") in got) == impl.startswith("sharded")
+    for impl in impls[:4]:
+        # The step's one statistics collective, and its decision read on the host.
+        assert float(got[(impl, "collectives_step")]["p50"]) >= 1
+        assert float(got[(impl, "host_reads_per_step")]["p50"]) >= 1
+        assert float(got[(impl, "hook_us_per_param")]["p50"]) > 0
+    # ZeRO-2 issues its bucket reduce during backward; ZeRO-1 and DDP's C++ reducer show none.
+    assert float(got[("sharded_zero2", "collectives_backward")]["p50"]) >= 1
+    assert float(got[("sharded_zero1", "collectives_backward")]["p50"]) == 0
+    assert "| set-up | L | world |" in proc.stdout
