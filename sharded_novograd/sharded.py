@@ -617,7 +617,7 @@ class ShardedNovoGrad(torch.optim.Optimizer):
         # L2: the kernel counts non-finite elements and overflowed sums (both skip). L-inf
         # never squares: only non-finite elements skip, and they make the max-abs non-finite.
         nonfinite = (~torch.isfinite(st[L:2 * L])).sum() if max_abs else st[2 * L]
-        red = self._engine.reduce(st[:L], torch.tensor(has, dtype=torch.float64), nonfinite,
+        red = self._engine.reduce(st[:L], has, nonfinite,
                                   maxabs=st[L:2 * L] if max_abs else None, problem=problem,
                                   digest=self._digest or b"", inv_scale=inv_scale, extra=self._arrival_vector())
         if red.extra is not None:
