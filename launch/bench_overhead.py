@@ -63,6 +63,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from launch.bench_cpu_update import quantiles  # noqa: E402  (p20, p50, p80)
 from sharded_novograd import NovoGrad, ShardedNovoGrad  # noqa: E402
 
 IMPLS = ("sharded_zero1", "sharded_zero1_lr", "sharded_zero2", "sharded_zero2_lr", "ddp_novograd",
@@ -98,17 +99,6 @@ def parse_args(argv=None):
         if impl not in IMPLS:
             p.error(f"unknown set-up {impl!r} (expected some of {', '.join(IMPLS)})")
     return args
-
-
-def quantiles(xs: List[float]):
-    xs = sorted(xs)
-
-    def q(f):
-        k = (len(xs) - 1) * f
-        lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
-        return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
-
-    return q(0.2), q(0.5), q(0.8)
 
 
 # ---------------------------------------------------------------------- counters
