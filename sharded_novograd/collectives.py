@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 __all__ = [
     "METHODS", "backend_for", "pick_method", "group_rank", "group_size", "check_same_plan", "broadcast_flat",
-    "reduce_gradients", "gather_shards", "all_reduce_stats", "all_gather_stats", "all_reduce_flags",
+    "reduce_gradients", "gather_shards", "gather_shards_to", "all_reduce_stats", "all_gather_stats", "all_reduce_flags",
     "start_bucket_reduce", "start_gather_shards", "all_gather_text", "agree",
 ]
 
@@ -189,6 +189,14 @@ def start_gather_shards(flat: torch.Tensor, shard_size: int, method: str, group)
              dist.broadcast(flat.narrow(0, k * shard_size, shard_size), src=dist.get_global_rank(group, k),
                             group=group, async_op=True))
             for k in range(n)]
+
+
+def gather_shards_to(flat: torch.Tensor, shard: torch.Tensor, dst: int, group) -> None:
+    """Every rank's ``shard`` into ``flat`` (N shards back to back) on group rank ``dst``
+    only; ``flat`` is not touched elsewhere (pass any tensor). This needs to be called on all ranks."""
+    n, r = group_size(group), group_rank(group)
+    rows = list(_flat(flat).view(n, -1)) if r == dst else None
+    dist.gather(_flat(shard), rows, dst=dist.get_global_rank(group, dst), group=group)
 
 
 def all_reduce_stats(vec: torch.Tensor, group) -> torch.Tensor:

@@ -752,26 +752,42 @@ class ShardedNovoGrad(torch.optim.Optimizer):
                     group[k] = tuple(v) if k == "betas" else v
         self._hyper_key = None
 
-    def consolidated_state_dict(self) -> Dict:
-        """The whole optimizer state in :class:`NovoGrad`'s ``state_dict`` format, on every rank.
+    def consolidated_state_dict(self, to_rank: Optional[int] = None) -> Optional[Dict]:
+        """The whole optimizer state in :class:`NovoGrad`'s ``state_dict`` format.
 
         World-size free: :class:`NovoGrad` built on the same parameters loads it, and so
         does :meth:`load_consolidated_state_dict` at any world size. Master weights of
-        bf16/fp16 models are not part of it (the model's parameters are). This needs to
-        be called on all ranks.
+        bf16/fp16 models are not part of it (the model's parameters are). The layers'
+        ``exp_avg`` are views of one buffer of the whole state (4 bytes per parameter for
+        fp32 state), with no further copy. This needs to be called on all ranks.
+
+        Args:
+            to_rank: None gives the state dict on every rank; a group rank gives it on that
+                rank only (one gather, the others return None and hold nothing extra)
+                (default: None)
         """
         self.wait_params()
         lay, S = self.layout, self.layout.shard_size
-        full = torch.zeros(lay.padded_total, dtype=self.state_dtype, device=self.device)
-        full.narrow(0, self.rank * S, S).copy_(self._exp_avg)
-        C.gather_shards(full, S, self.method, self.process_group)
+        if to_rank is not None:
+            if isinstance(to_rank, bool) or not isinstance(to_rank, int) or not 0 <= to_rank < self.world_size:
+                raise ValueError(f"Invalid to_rank: {to_rank!r} (expected None or a group rank in "
+                                 f"[0, {self.world_size}))")
+            mine = to_rank == self.rank
+            full = torch.empty(lay.padded_total if mine else 0, dtype=self.state_dtype, device=self.device)
+            C.gather_shards_to(full, self._exp_avg, to_rank, self.process_group)
+            if not mine:
+                return None
+        else:
+            full = torch.zeros(lay.padded_total, dtype=self.state_dtype, device=self.device)
+            full.narrow(0, self.rank * S, S).copy_(self._exp_avg)
+            C.gather_shards(full, S, self.method, self.process_group)
         steps, vs, vmaxs = self._t.tolist(), self._v, self._v_max
         state = {}
         for i, (p, off, n) in enumerate(zip(self._params, lay.offsets, lay.numels)):
             if steps[i] == 0:
                 continue
             st = {"step": torch.tensor(float(steps[i])),
-                  "exp_avg": full.narrow(0, off, n).view(p.shape).clone(),
+                  "exp_avg": full.narrow(0, off, n).view(p.shape),
                   "exp_avg_sq": vs[i].clone()}
             if self.param_groups[self._layer_group[i]]["amsgrad"]:
                 st["max_exp_avg_sq"] = vmaxs[i].clone()

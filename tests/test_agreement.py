@@ -286,13 +286,33 @@ def bf16_reduce(rank, world):
     return out
 
 
+def consolidated_to_one_rank(rank, world):
+    """consolidated_state_dict(to_rank=0): the same dict on rank 0, nothing elsewhere; the
+    whole state is held once (views of one buffer), not once plus a copy per layer."""
+    params = make_params(SHAPES, torch.float64)
+    opt = ShardedNovoGrad(params, lr=0.01)
+    for _ in range(2):
+        _stepper(params, opt, rank)()
+    every = opt.consolidated_state_dict()
+    one = opt.consolidated_state_dict(to_rank=0)
+    storages = {t["exp_avg"].untyped_storage().data_ptr() for t in every["state"].values()}
+    out = {"none": one is None, "storages": len(storages)}
+    if one is not None:
+        out["same"] = all(torch.equal(one["state"][k][key], v) for k, st in every["state"].items()
+                          for key, v in st.items())
+        out["bytes"] = one["state"][0]["exp_avg"].untyped_storage().nbytes()
+        out["padded"] = opt.layout.padded_total * 8
+    return out
+
+
 def all_scenarios(rank, world):
     torch.manual_seed(0)
     return {"overflow": overflow_after_reduce(rank, world), "clip": clip_total_overflow(rank, world),
             "differ": settings_differ(rank, world), "invalid": invalid_on_one_rank(rank, world),
             "unfrozen": unfrozen_later(rank, world), "inf_norm": inf_norm_large(rank, world),
             "state": bad_state_dict(rank, world), "zero_grad": zero_grad_instead_of_step(rank, world),
-            "unused": unused_last_layer(rank, world), "bf16_reduce": bf16_reduce(rank, world)}
+            "unused": unused_last_layer(rank, world), "bf16_reduce": bf16_reduce(rank, world),
+            "consolidated": consolidated_to_one_rank(rank, world)}
 
 
 def results(world):
@@ -426,3 +446,16 @@ def test_reduce_dtype_bf16(world, stage):
     for r in results(world):
         o = r["bf16_reduce"][stage]
         assert o["wire"] == "torch.bfloat16" and o["err"] <= 1.0, o
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_consolidated_state_dict_to_one_rank(world):
+    """Check that consolidated_state_dict(to_rank=0) gives rank 0 the same dict and the other
+    ranks None, and that the whole state is one buffer of the padded size, not a copy per layer."""
+    for rank, r in enumerate(results(world)):
+        o = r["consolidated"]
+        assert o["storages"] == 1, o
+        if rank == 0:
+            assert not o["none"] and o["same"] and o["bytes"] == o["padded"], o
+        else:
+            assert o["none"], o
