@@ -171,24 +171,34 @@ def gather_shards(flat: torch.Tensor, shard_size: int, method: str, group) -> No
         work.wait()
 
 
-def start_gather_shards(flat: torch.Tensor, shard_size: int, method: str, group):
+def start_gather_shards(flat: torch.Tensor, shard_size: int, method: str, group, chunk: Optional[int] = None):
     """Start :func:`gather_shards` without waiting: returns ``[(start, end, work)]``, the
     flat range each pending collective fills. This needs to be called on all ranks.
+
+    ``chunk`` (elements) asks for pieces that can be waited for one at a time, to overlap
+    the gather with the next forward: each owner's range is broadcast in chunks of at
+    most that size, whatever ``method`` (one all-gather of the whole buffer could only
+    be waited for whole; per-chunk all-gathers would need a staging copy of the buffer,
+    while broadcasts write in place and move the same bytes per rank).
     """
     n, r = group_size(group), group_rank(group)
     _flat(flat)
     if n == 1:
         return []
-    if method == "reduce_scatter":
+    if method == "reduce_scatter" and chunk is None:
         mine = flat.narrow(0, r * shard_size, shard_size)
         # NCCL documents the in-place form (input is the rank's slice of the output).
         work = _gather_into(flat, mine if backend_for(group, flat.device) == "nccl" else mine.clone(), group,
                             async_op=True)
         return [(0, flat.numel(), work)]
-    return [(k * shard_size, (k + 1) * shard_size,
-             dist.broadcast(flat.narrow(0, k * shard_size, shard_size), src=dist.get_global_rank(group, k),
-                            group=group, async_op=True))
-            for k in range(n)]
+    step = shard_size if chunk is None else max(1, min(int(chunk), shard_size))
+    out = []
+    for k in range(n):
+        src = dist.get_global_rank(group, k)
+        for lo in range(k * shard_size, (k + 1) * shard_size, step):
+            hi = min(lo + step, (k + 1) * shard_size)
+            out.append((lo, hi, dist.broadcast(flat.narrow(0, lo, hi - lo), src=src, group=group, async_op=True)))
+    return out
 
 
 def gather_shards_to(flat: torch.Tensor, shard: torch.Tensor, dst: int, group) -> None:

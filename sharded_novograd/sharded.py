@@ -634,8 +634,9 @@ class ShardedNovoGrad(torch.optim.Optimizer):
         K.fused_update(shard_grad, self._exp_avg, self._master, self._lowp, self._table, coeffs,
                        scratch_grad=True, fused=self.fused)
         if self._attached:
+            # In pieces the next forward can wait for one by one (on NCCL too).
             self._pending_gather = C.start_gather_shards(self._flat, self.layout.shard_size, self.method,
-                                                         self.process_group)
+                                                         self.process_group, chunk=self._gather_chunk())
         else:
             C.gather_shards(self._flat, self.layout.shard_size, self.method, self.process_group)
             self._mark_params_synced()
@@ -661,6 +662,11 @@ class ShardedNovoGrad(torch.optim.Optimizer):
             if ranges:
                 sub.register_forward_pre_hook(functools.partial(_wait_hook, weakref.ref(self), ranges))
         self._attached = True
+
+    def _gather_chunk(self) -> int:
+        # About 8 pieces per owner, at least a ZeRO-2 bucket's worth (latency per call).
+        floor = self.bucket_size or DEFAULT_BUCKET_SIZE.get(self.device.type, DEFAULT_BUCKET_SIZE["cuda"])
+        return max(-(-self.layout.shard_size // 8), min(floor, self.layout.shard_size))
 
     def wait_params(self, ranges=None) -> None:
         """Wait until the parameters (or the flat ``[start, end)`` ``ranges``) hold this
