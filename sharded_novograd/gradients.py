@@ -141,6 +141,22 @@ class GradientBuckets:
 
     def reset(self) -> None:
         self.peak_elements = 0  # most gradient elements buffered at once, this step
+        self.accumulated = False  # shard_grad holds earlier micro-batches' means: drains add
+        self.ever = [False] * self.layout.num_layers  # layers with a gradient in any micro-batch
+        self._reset_backward()
+
+    def next_micro_batch(self) -> None:
+        """After a backward whose buckets were all sent: wait for them (the owners add the
+        mean into the shard) and get ready for the next backward's buckets."""
+        self.finish()
+        self.ever = [a or b for a, b in zip(self.ever, self.arrived)]
+        self.accumulated = True
+        self._reset_backward()
+
+    def has_grad(self) -> List[float]:
+        return [1.0 if a or b else 0.0 for a, b in zip(self.arrived, self.ever)]
+
+    def _reset_backward(self) -> None:
         self.buffers: Dict[int, torch.Tensor] = {}
         self.backing: Dict[int, torch.Tensor] = {}
         self.pending = list(self.members)
@@ -196,7 +212,11 @@ class GradientBuckets:
         if owner == self.rank:
             # The owner's copy out of the bucket also makes the sum a mean: one pass, not two.
             lo = start - self.rank * self.layout.shard_size
-            torch.div(buf, self.layout.world_size, out=self.shard_grad.narrow(0, lo, n))
+            dst = self.shard_grad.narrow(0, lo, n)
+            if self.accumulated:
+                dst.add_(buf.div(self.layout.world_size))
+            else:
+                torch.div(buf, self.layout.world_size, out=dst)
         self.pool.append(self.backing.pop(b))
 
     def too_late(self, layer: int) -> bool:

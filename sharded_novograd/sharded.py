@@ -192,6 +192,7 @@ class ShardedNovoGrad(torch.optim.Optimizer):
         self._hooked: Dict[int, Tuple[int, int]] = {}  # layer -> (id, version) of .grad when its hook ran
         self._reduced_elsewhere = False  # the last backward's gradients were written by DDP
         self._sync_backwards = 0  # backwards outside no_sync() since the last step
+        self._accumulating = False  # inside accumulate()
         self._backward_since_step = False
         self._reset_arrivals()
         self._grad_flat = None  # ZeRO-1's gradient buffer, reused across steps
@@ -394,7 +395,7 @@ class ShardedNovoGrad(torch.optim.Optimizer):
                 written = True  # someone reduced the gradients during backward: DDP
                 break
         self._reduced_elsewhere = written
-        self._sync_backwards += 1 if self._sync else 0
+        self._sync_backwards += 1 if self._sync and not self._accumulating else 0
         if self._source == "unknown" and written:
             # Otherwise the source stays unknown until step(): a first backward inside
             # DDP's no_sync() writes nothing either.
@@ -410,7 +411,27 @@ class ShardedNovoGrad(torch.optim.Optimizer):
             # inside backward on every rank and cannot pair up with a collective the
             # caller issues between backward and step().
             bk.send_all()
+            if self._accumulating:
+                bk.next_micro_batch()
         self._hooked = {layer: v for layer, v in self._hooked.items() if self._params[layer].grad is not None}
+
+    @contextlib.contextmanager
+    def accumulate(self):
+        """Accumulate micro-batches into the gradient shard (ZeRO-2), as DeepSpeed's ZeRO-2 does.
+
+        Wrap all micro-batches but the last, as with :meth:`no_sync`. Each backward inside
+        reduces its buckets as usual and each owner adds the mean into its fp32 (state
+        dtype) shard: gradient memory stays a few buckets plus the shard, and the sum is
+        kept in the state dtype, at the cost of one gradient reduction per micro-batch.
+        :meth:`no_sync` is the other trade: no traffic until the last backward, but the
+        full ``.grad`` in the parameter dtype meanwhile. Elsewhere (ZeRO-1, a DDP model,
+        the first step) gradients accumulate in ``.grad`` as with :meth:`no_sync`.
+        """
+        previous, self._accumulating = self._accumulating, True
+        try:
+            yield
+        finally:
+            self._accumulating = previous
 
     @contextlib.contextmanager
     def no_sync(self):
@@ -540,7 +561,7 @@ class ShardedNovoGrad(torch.optim.Optimizer):
             problem = problem or bad
             if bad is None:
                 bk.add(i, p.grad)
-        has = [1.0 if a else 0.0 for a in bk.arrived]
+        has = bk.has_grad()
         return bk.finish(), has, problem
 
     def _zero1_reduce(self):

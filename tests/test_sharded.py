@@ -182,7 +182,7 @@ def same_world_state_dict(rank, world):
             "lr_restored": opt2.param_groups[0]["lr"] == 0.01}
 
 
-def real_model(rank, world, bucket_size=None, micro=1, attach=False, method="auto"):
+def real_model(rank, world, bucket_size=None, micro=1, attach=False, method="auto", accumulate="no_sync"):
     """A real forward/backward on different data per rank equals the averaged reference.
 
     With ``micro`` > 1, each rank accumulates that many micro-batches (all but the
@@ -213,7 +213,7 @@ def real_model(rank, world, bucket_size=None, micro=1, attach=False, method="aut
     for step in range(8):
         for j in range(micro):
             if j < micro - 1:
-                with opt.no_sync():
+                with getattr(opt, accumulate)():
                     (loss(net, *batch(rank, step, j)) / micro).backward()
             else:
                 (loss(net, *batch(rank, step, j)) / micro).backward()
@@ -385,6 +385,7 @@ def run_all(rank, world):
         out["real_model"] = real_model(rank, world)
         out["overlap"] = real_model(rank, world, bucket_size=8)
         out["attached"] = real_model(rank, world, bucket_size=8, attach=True)
+        out["accumulate_shard"] = real_model(rank, world, bucket_size=8, micro=3, accumulate="accumulate")
         out["attached_rs"] = real_model(rank, world, bucket_size=8, attach=True, method="reduce_scatter")
         out["accumulate"] = real_model(rank, world, bucket_size=16, micro=3)
         out["double_backward"] = double_backward(rank, world)
@@ -465,6 +466,16 @@ def test_attach_overlaps_the_parameter_gather(world):
         # first forward hook; it is now in pieces too.
         b = r["attached_rs"]
         assert b["err"] <= 1.0 and b["deferred"] >= world, b
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_accumulation_into_the_shard(world):
+    """Check that 3 micro-batches, the first two under accumulate() (each reduced and added
+    into the fp32 shard), equal one large batch, with only a few buckets buffered (the same
+    bound as without accumulation; no_sync() keeps the whole .grad instead)."""
+    for r in world_results(world):
+        a = r["accumulate_shard"]
+        assert a["err"] <= 1.0 and a["peak"] <= 6 * 8, a
 
 
 @pytest.mark.parametrize("world", [2, 3, 4])
