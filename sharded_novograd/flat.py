@@ -43,8 +43,7 @@ class FlatParams:
         self.adoptions = 0  # times the parameters were re-adopted (must agree across ranks)
         self._place(self.params[0].device)
         C.broadcast_flat(self.flat, group, src=0)
-        self.master = self.shard.to(self.state_dtype) if self.lowp is not None else self.shard
-        self.mark_synced()
+        self._take_master()
 
     def _place(self, device: torch.device) -> None:
         """Make a new flat buffer on ``device`` holding the parameters' current values."""
@@ -88,11 +87,15 @@ class FlatParams:
         """Take every parameter's current values and device as the truth: a new flat
         buffer on that device, every parameter a view of it, master weights from it."""
         self._place(self.params[0].device)
-        self.master = self.shard.to(self.state_dtype) if self.lowp is not None else self.shard
+        self._take_master()
         self.adoptions += 1
-        self.mark_synced()
 
     # ------------------------------------------------------------------ master weights
+    def _take_master(self) -> None:
+        # fp32 models need no master copy: the shard itself is updated.
+        self.master = self.shard.to(self.state_dtype) if self.lowp is not None else self.shard
+        self.mark_synced()
+
     def version(self) -> int:
         # Each Parameter keeps its own version counter (p.data was re-pointed to the
         # flat buffer), so in-place writes through p bump p's, not the buffer's.

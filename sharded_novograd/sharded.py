@@ -174,8 +174,7 @@ class ShardedNovoGrad(torch.optim.Optimizer):
         if C.group_rank(self.process_group) < 0:
             raise RuntimeError("this process is not a member of the process_group passed to ShardedNovoGrad")
         self._method_request = collective_method
-        self.method = C.pick_method(collective_method, self.process_group,
-                                    next((p.device for g in self.param_groups for p in g["params"]), None))
+        self.method = C.pick_method(collective_method, self.process_group, self._first_device())
         self.rank = C.group_rank(self.process_group)
         self.world_size = C.group_size(self.process_group)
         # "unknown" until the first backward shows whether DDP averaged the gradients.
@@ -197,10 +196,7 @@ class ShardedNovoGrad(torch.optim.Optimizer):
         self._reset_arrivals()
         self._grad_flat = None  # ZeRO-1's gradient buffer, reused across steps
         self._grad_shard = None  # the shard buffer for gradients averaged elsewhere
-        self._buckets = None
-        if zero_stage == 2:
-            self._buckets = GradientBuckets(self.layout, self.rank, bucket_size, self.reduce_dtype, self.device,
-                                            self.method, self.process_group, shard_dtype=self.state_dtype)
+        self._device_parts()
         owner = weakref.ref(self)
         for i, p in enumerate(self._params):
             setattr(p, _OWNER, owner)
@@ -214,6 +210,17 @@ class ShardedNovoGrad(torch.optim.Optimizer):
         # over the ranks in the step's collective, orders the next step's buckets.
         self._arrival = [_UNUSED] * len(getattr(self, "_params", ()))
         self._arrivals = 0
+
+    def _device_parts(self) -> None:
+        """The step engine and ZeRO-2's buckets for the parameters' current device (at
+        construction, and again when the model moved to another device)."""
+        self._engine = E.StepEngine(self.layout.num_layers, self.process_group, self.device,
+                                    norm_type=self.norm_type, state_dtype=self.state_dtype)
+        self._buckets = None
+        if self.zero_stage == 2:
+            self._buckets = GradientBuckets(self.layout, self.rank, self.bucket_size, self.reduce_dtype,
+                                            self.device, self.method, self.process_group,
+                                            shard_dtype=self.state_dtype)
 
     def _first_device(self) -> torch.device:
         for g in self.param_groups:
@@ -277,8 +284,6 @@ class ShardedNovoGrad(torch.optim.Optimizer):
         self._v_max = torch.zeros(L, dtype=self.state_dtype, device=self.device)
         self._t = torch.zeros(L, dtype=self.state_dtype, device=self.device)
         self._table = self.layout.table(self.rank)
-        self._engine = E.StepEngine(L, self.process_group, self.device, norm_type=self.norm_type,
-                                    state_dtype=self.state_dtype)
         self._hyper_key = None
         self._hyper = None
         self._digest = b""
@@ -496,14 +501,9 @@ class ShardedNovoGrad(torch.optim.Optimizer):
             self.method = C.pick_method(self._method_request, self.process_group, self.device)
             for name in ("_exp_avg", "_v", "_v_max", "_t"):
                 setattr(self, name, getattr(self, name).to(self.device))
-            if self._buckets is not None:
-                self._buckets = GradientBuckets(self.layout, self.rank, self.bucket_size, self.reduce_dtype,
-                                                self.device, self.method, self.process_group,
-                                                shard_dtype=self.state_dtype)
+            self._device_parts()
             self._grad_flat = self._grad_shard = None
             self._hyper_key = None
-            self._engine = E.StepEngine(self.layout.num_layers, self.process_group, self.device,
-                                        norm_type=self.norm_type, state_dtype=self.state_dtype)
         self._digest = None
         if self.rank == 0:
             logger.warning("ShardedNovoGrad: %d parameters were moved or replaced since the last step "

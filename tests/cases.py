@@ -3,9 +3,12 @@ gradients, and a reference run fed the rank-averaged gradient."""
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+import random
+from typing import Dict, List, Optional, Sequence
 
 import torch
+
+from sharded_novograd.layout import FragmentTable
 
 
 # Odd sizes, a 0-dim and 1-element layer: with align=64 these 728 elements straddle
@@ -71,3 +74,20 @@ def reference_copy(params, dtype) -> List[torch.nn.Parameter]:
         q.requires_grad_(p.requires_grad)
         out.append(q)
     return out
+
+
+def random_table(seed: int, fragments: int, gaps: Sequence[int], sizes: Sequence[int], layers_used: int,
+                 num_layers: int, start: int = 0, tail: int = 0) -> FragmentTable:
+    """A fragment table of ``fragments`` rows: random gaps and sizes from the given choices,
+    layers drawn from the first ``layers_used`` (so a layer is split many times and one or
+    more layers have no fragment), ``tail`` unused elements at the end of the shard."""
+    rng = random.Random(seed)
+    layers, offsets, numels, pos = [], [], [], start
+    for _ in range(fragments):
+        pos += rng.choice(gaps)
+        n = rng.choice(sizes)
+        layers.append(rng.randrange(layers_used))
+        offsets.append(pos)
+        numels.append(n)
+        pos += n
+    return FragmentTable(layers, offsets, numels, pos + tail, num_layers)

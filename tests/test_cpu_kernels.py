@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 
 import pytest
 import torch
@@ -40,7 +39,7 @@ from sharded_novograd import kernels
 from sharded_novograd.kernels import cpu_impl, torch_impl
 from sharded_novograd.layout import FragmentTable, ShardLayout
 
-from .cases import SHAPES
+from .cases import SHAPES, random_table
 
 SENTINEL = -7777.0  # exactly representable in every dtype used here
 _INT = {torch.float32: torch.int32, torch.float64: torch.int64, torch.bfloat16: torch.int16,
@@ -57,16 +56,8 @@ def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def _mixed_table(seed: int = 0) -> FragmentTable:
     """30 fragments of 6 of 7 layers: odd sizes and starts, gaps, empty fragments, layers split many times."""
-    rng = random.Random(seed)
-    layers, offsets, numels, pos = [], [], [], 3
-    for _ in range(30):
-        pos += rng.choice([0, 0, 1, 5, 17])
-        n = rng.choice([0, 1, 2, 3, 15, 17, 63, 65, 127, 1000, 4099])
-        layers.append(rng.randrange(6))
-        offsets.append(pos)
-        numels.append(n)
-        pos += n
-    return FragmentTable(layers, offsets, numels, pos + 29, 7)
+    return random_table(seed, 30, [0, 0, 1, 5, 17], [0, 1, 2, 3, 15, 17, 63, 65, 127, 1000, 4099], 6, 7,
+                        start=3, tail=29)
 
 
 TABLES = {

@@ -39,7 +39,6 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import math
-import random
 import sys
 
 import pytest
@@ -51,7 +50,7 @@ from sharded_novograd import kernels
 from sharded_novograd.kernels import torch_impl, triton_impl
 from sharded_novograd.layout import FragmentTable, ShardLayout
 
-from .cases import SHAPES, close_ratio, make_params, rank_grad
+from .cases import SHAPES, close_ratio, make_params, random_table, rank_grad
 from .distributed import run_world
 
 RUNNABLE = triton_impl.TRITON_AVAILABLE and (triton_impl._INTERPRETED or torch.cuda.is_available())
@@ -73,16 +72,7 @@ SENTINEL = -7777.0  # exactly representable in every dtype used here
 
 def _mixed_table(seed: int = 0) -> FragmentTable:
     """24 fragments of 5 of 6 layers, odd sizes, gaps, layers split many times."""
-    rng = random.Random(seed)
-    layers, offsets, numels, pos = [], [], [], 0
-    for _ in range(24):
-        pos += rng.choice([0, 0, 1, 5, 64])
-        n = rng.choice([1, 2, 3, 63, 64, 65, 100, 127, 129, 300])
-        layers.append(rng.randrange(5))
-        offsets.append(pos)
-        numels.append(n)
-        pos += n
-    return FragmentTable(layers, offsets, numels, pos + 37, 6)
+    return random_table(seed, 24, [0, 0, 1, 5, 64], [1, 2, 3, 63, 64, 65, 100, 127, 129, 300], 5, 6, tail=37)
 
 
 # name: (table, block); block None is the launcher's own choice.
