@@ -111,12 +111,12 @@ class StepEngine:
         """The step's host-side values on the communication device in ONE copy; on CUDA
         from pinned memory without waiting (the step's one host sync is the decision).
         The staging buffer is reused: the previous step's decision already waited for it."""
-        n = len(values)
-        if getattr(self, "_stage", None) is None or self._stage.numel() != n:
-            self._stage = _staging(n, self.comm_device)
-        self._stage.copy_(torch.tensor(values, dtype=torch.float64))
+        host = torch.tensor(values, dtype=torch.float64)
         if self.comm_device.type == "cpu":
-            return self._stage.clone()
+            return host
+        if getattr(self, "_stage", None) is None or self._stage.numel() != host.numel():
+            self._stage = torch.empty(host.numel(), dtype=torch.float64, pin_memory=True)
+        self._stage.copy_(host)
         return self._stage.to(self.comm_device, non_blocking=True)
 
     def reduce(self, sumsq: torch.Tensor, has_grad: torch.Tensor, nonfinite, *,
@@ -246,10 +246,6 @@ class StepEngine:
                   else "a layer's summed squared gradient overflows" if overflow else "")
         return Reduced(sumsq=sums, stat=stat, has_grad=has, skip=bool(reason), reason=reason, total_norm=total,
                        holders=counts, extra=summed_extra)
-
-
-def _staging(n: int, device: torch.device) -> torch.Tensor:
-    return torch.empty(n, dtype=torch.float64, pin_memory=device.type == "cuda")
 
 
 def plan_update(red: Reduced, v: torch.Tensor, v_max: torch.Tensor, t: torch.Tensor, hyper: F.LayerHyper, *,
