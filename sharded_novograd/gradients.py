@@ -14,6 +14,7 @@ rank-averaged gradient, which layers have a gradient here, and the first local p
 
 from __future__ import annotations
 
+import math
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -21,7 +22,12 @@ import torch
 from . import collectives as C
 from .layout import ShardLayout
 
-__all__ = ["GradientBuckets", "all_reduce_gradients", "take_averaged", "grad_problem"]
+__all__ = ["GradientBuckets", "all_reduce_gradients", "take_averaged", "grad_problem", "ARRIVED"]
+
+# A rank's arrival value for a layer that reached its hook: ARRIVED + its position in
+# this step's arrivals (0 for none). Summed over N ranks, ``count * ARRIVED + sum of
+# positions`` stays an exact float64 while N * L < 2**36 and N < 2**17.
+ARRIVED = float(2 ** 36)
 
 
 def grad_problem(layer: int, p: torch.Tensor) -> Optional[str]:
@@ -93,7 +99,9 @@ class GradientBuckets:
     at first, then (:meth:`set_order`) the order in which their last layer arrived at
     the previous step, summed over the ranks in the step's one collective, so a layer
     that backward never reaches (unused) holds back only the buckets it is in, not all
-    those after it. Buckets still incomplete when backward ends are sent then (an
+    those after it. A layer that the running backward will not reach on this rank
+    (:meth:`skip`, known from the autograd engine at the first hook) holds back
+    nothing here. Buckets still incomplete when backward ends are sent then (an
     end-of-backward callback), or at ``step()`` when no backward ran.
     At most ``max_in_flight`` buckets are in flight: peak gradient memory is a few
     buckets plus the shard. Bucket buffers and the shard are reused across steps
@@ -130,11 +138,18 @@ class GradientBuckets:
         self.order = list(range(len(self.ranges) - 1, -1, -1))
         self.reset()
 
-    def set_order(self, layer_keys: Sequence[float]) -> None:
-        """Send buckets by ascending key of their last layer (ties: descending offset).
+    def set_order(self, arrivals: Sequence[float]) -> None:
+        """Send buckets by the mean arrival position of their last layer, over the ranks it
+        reached (unreached everywhere: last; ties: descending offset). A layer skipped
+        on some ranks keeps the place it has where it arrives: the ranks that skip it
+        do not wait for it (:meth:`skip`).
 
-        ``layer_keys`` must be identical on every rank (the step's reduced arrival order):
-        the send order is part of the collective protocol."""
+        ``arrivals`` (see :data:`ARRIVED`) must be identical on every rank (the step's
+        reduced values): the send order is part of the collective protocol."""
+        layer_keys = []
+        for v in arrivals:
+            count = math.floor(v / ARRIVED)
+            layer_keys.append((v - count * ARRIVED) / count if count else math.inf)
         keys = [max((layer_keys[layer] for layer, _, _ in self.contents[b]), default=-1.0)
                 for b in range(len(self.ranges))]
         self.order = sorted(range(len(self.ranges)), key=lambda b: (keys[b], -b))
@@ -161,6 +176,7 @@ class GradientBuckets:
         self.backing: Dict[int, torch.Tensor] = {}
         self.pending = list(self.members)
         self.arrived = [False] * self.layout.num_layers
+        self.unreached = [False] * self.layout.num_layers  # skip()ped in this backward
         self.sent = [False] * len(self.ranges)
         self.pos = 0  # buckets sent this step: order[:pos]
         self.in_flight: List[tuple] = []
@@ -181,15 +197,42 @@ class GradientBuckets:
     def add(self, layer: int, grad: torch.Tensor) -> None:
         """Take ``layer``'s gradient (callers check it has not arrived nor been sent);
         send every bucket that is now next and complete."""
-        flat = grad.detach().reshape(-1)
+        # A hook's cost is mostly tensor calls (about 1 µs each on CPU): no detach unless
+        # the gradient has a history (create_graph=True), no narrow of a whole layer.
+        flat = (grad.detach() if grad.requires_grad else grad).reshape(-1)
         self.arrived[layer] = True
+        pieces = self.pieces[layer]
+        if len(pieces) == 1 and not self.unreached[layer]:
+            b, _, boff, n = pieces[0]
+            self._buffer(b).narrow(0, boff, n).copy_(flat)
+            self.pending[b] -= 1
+            self._send_ready()
+            return
+        if self.unreached[layer]:
+            # Its buckets stopped waiting for it (skip()) and none was sent: fill every
+            # piece before any of them can go.
+            for b, off, boff, n in self.pieces[layer]:
+                self._buffer(b).narrow(0, boff, n).copy_(flat.narrow(0, off, n))
+            self._send_ready()
+            return
         # Highest bucket first, sending as we go: a layer larger than a bucket never
         # has all of its buckets alive at once.
         for b, off, boff, n in reversed(self.pieces[layer]):
             self._buffer(b).narrow(0, boff, n).copy_(flat.narrow(0, off, n))
             self.pending[b] -= 1
-            while self.pos < len(self.order) and self.pending[self.order[self.pos]] == 0:
-                self._send(self.order[self.pos])
+            self._send_ready()
+
+    def skip(self, layer: int) -> None:
+        """This backward will not reach ``layer`` on this rank: its buckets stop waiting
+        for it (it contributes zeros, as at the end of backward); send those now complete."""
+        self.unreached[layer] = True
+        for b, _, _, _ in self.pieces[layer]:
+            self.pending[b] -= 1
+        self._send_ready()
+
+    def _send_ready(self) -> None:
+        while self.pos < len(self.order) and self.pending[self.order[self.pos]] == 0:
+            self._send(self.order[self.pos])
 
     def _send(self, b: int) -> None:
         owner = self.ranges[b][2]
@@ -221,7 +264,10 @@ class GradientBuckets:
 
     def too_late(self, layer: int) -> bool:
         """Whether a bucket holding ``layer`` was already sent this step."""
-        return any(self.sent[b] for b, _, _, _ in self.pieces[layer])
+        pieces = self.pieces[layer]
+        if len(pieces) == 1:
+            return self.sent[pieces[0][0]]
+        return any(self.sent[b] for b, _, _, _ in pieces)
 
     def started(self) -> bool:
         return any(self.arrived) or self.pos > 0

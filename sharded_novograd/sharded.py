@@ -24,8 +24,9 @@ from . import collectives as C
 from . import engine as E
 from . import functional as F
 from . import kernels as K
+from .backward import BackwardTracker
 from .flat import FlatParams
-from .gradients import GradientBuckets, all_reduce_gradients, grad_problem, take_averaged
+from .gradients import ARRIVED, GradientBuckets, all_reduce_gradients, grad_problem, take_averaged
 from .layout import DEFAULT_ALIGN, ShardLayout
 
 __all__ = ["ShardedNovoGrad"]
@@ -37,7 +38,6 @@ logger = logging.getLogger(__name__)
 # at N=2). CUDA: 32 MiB, the order of DDP's 25 MB buckets (not yet measured here).
 DEFAULT_BUCKET_SIZE = {"cpu": 1 << 20, "cuda": 1 << 23}
 _OWNER = "_sharded_novograd_owner"
-_UNUSED = float(2 ** 30)  # arrival key of a layer that got no gradient (sorts after every arrival)
 _HYPER_KEYS = ("lr", "betas", "eps", "weight_decay", "grad_averaging", "amsgrad", "reg_inside_moment",
                "bias_correction", "init_zero", "norm_type")
 
@@ -187,7 +187,7 @@ class ShardedNovoGrad(torch.optim.Optimizer):
         self._pending_gather: List[tuple] = []  # (flat start, flat end, work) after attach()
         self._attached = False
         self._sync = True
-        self._flush_queued = False
+        self._backward = BackwardTracker(self.layout.num_layers, self._after_backward)
         self._hooked: Dict[int, Tuple[int, int]] = {}  # layer -> (id, version) of .grad when its hook ran
         self._reduced_elsewhere = False  # the last backward's gradients were written by DDP
         self._sync_backwards = 0  # backwards outside no_sync() since the last step
@@ -206,9 +206,10 @@ class ShardedNovoGrad(torch.optim.Optimizer):
         self._total_norm = None
 
     def _reset_arrivals(self) -> None:
-        # ZeRO-2: the order of this step's gradient arrivals (unused layers last), summed
-        # over the ranks in the step's collective, orders the next step's buckets.
-        self._arrival = [_UNUSED] * len(getattr(self, "_params", ()))
+        # ZeRO-2: the order of this step's gradient arrivals, summed over the ranks in the
+        # step's collective (ARRIVED + position; 0 where the layer got none), orders the
+        # next step's buckets.
+        self._arrival = [0.0] * len(getattr(self, "_params", ()))
         self._arrivals = 0
 
     def _device_parts(self) -> None:
@@ -368,31 +369,33 @@ class ShardedNovoGrad(torch.optim.Optimizer):
         g = p.grad
         if getattr(p, _OWNER, lambda: None)() is not self or g is None:
             return  # a newer ShardedNovoGrad took over this parameter
-        if not self._flush_queued:
-            # When this backward ends (after DDP, if any, wrote its averaged gradients),
-            # look at what happened to .grad and send every ZeRO-2 bucket still open.
-            torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
-            self._flush_queued = True
+        # When this backward ends (after DDP, if any, wrote its averaged gradients), the
+        # tracker calls _after_backward: it looks at what happened to .grad and sends
+        # every ZeRO-2 bucket still open.
+        first = self._backward.arrived(layer)
         self._hooked[layer] = (id(g), g._version)
         self._backward_since_step = True
-        if self._buckets is not None:
-            self._arrival[layer] = float(self._arrivals)
-            self._arrivals += 1
         bk = self._buckets
-        if (bk is None or self._source != "own" or not self._sync or bk.arrived[layer] or bk.too_late(layer)
-                or grad_problem(layer, p)):
-            return  # step() takes it from .grad, or reports the problem on every rank
+        if bk is None:
+            return
+        self._arrival[layer] = ARRIVED + self._arrivals
+        self._arrivals += 1
+        if self._source != "own" or not self._sync:
+            return  # step() takes it from .grad
+        if first:
+            # Layers this backward will not reach here hold back no bucket.
+            idle = [i for i in range(self.layout.num_layers) if not bk.arrived[i] and not bk.unreached[i]]
+            for i in self._backward.unreached(self._params, idle):
+                bk.skip(i)
+        if bk.unreached[layer]:
+            self._backward.nested.add(layer)  # reached after all: never predict it again
+        if bk.arrived[layer] or bk.too_late(layer) or grad_problem(layer, p):
+            return  # step() reports the problem on every rank
         bk.add(layer, g)
         p.grad = None
         del self._hooked[layer]
 
-    def _end_of_backward(self) -> None:
-        # Queued again from here: DDP's own end-of-backward callback, queued after
-        # ours, runs in between and writes the averaged gradients.
-        torch.autograd.Variable._execution_engine.queue_callback(self._after_backward)
-
     def _after_backward(self) -> None:
-        self._flush_queued = False
         written = False
         for layer, (gid, version) in self._hooked.items():
             g = self._params[layer].grad
@@ -460,6 +463,7 @@ class ShardedNovoGrad(torch.optim.Optimizer):
         all ranks at the same point, as a training loop does.
         """
         super().zero_grad(set_to_none)
+        self._backward.reset()
         self._hooked = {}
         self._sync_backwards = 0
         dropping = self._backward_since_step
@@ -549,6 +553,13 @@ class ShardedNovoGrad(torch.optim.Optimizer):
         for i, p in enumerate(self._params):
             if p.grad is None:
                 continue
+            if bk.unreached[i] and bk.too_late(i):
+                problem = problem or (
+                    f"layer {i} received a gradient in a backward that, when it started, was not going to reach "
+                    "it (a backward nested in it, such as reentrant activation checkpointing, reached the layer "
+                    "for the first time), after its bucket had been reduced. The next steps will wait for it; "
+                    "checkpoint(..., use_reentrant=False) avoids nested backwards")
+                continue
             if bk.arrived[i] or bk.too_late(i):
                 problem = problem or (
                     f"layer {i} received a gradient after backward had already reduced it (or its bucket). "
@@ -600,6 +611,7 @@ class ShardedNovoGrad(torch.optim.Optimizer):
                 found = torch.full((), 1.0 if skipped else 0.0, dtype=torch.float32, device=grad_scaler._scale.device)
                 scaler_state["found_inf_per_device"] = {found.device: found}
         finally:
+            self._backward.reset()
             self._hooked = {}
             self._sync_backwards = 0
             self._backward_since_step = False
