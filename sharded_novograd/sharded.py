@@ -37,6 +37,17 @@ logger = logging.getLogger(__name__)
 # steps in launch/benchmark.py (the 50M-parameter MLP: 546 ms against 610 ms with 16 MiB
 # at N=2). CUDA: 32 MiB, the order of DDP's 25 MB buckets (not yet measured here).
 DEFAULT_BUCKET_SIZE = {"cpu": 1 << 20, "cuda": 1 << 23}
+# Above that, the default bucket grows with the model so that a step issues at most
+# about MAX_BUCKET_CALLS bucket collectives (plus one per owner whose range ends in a
+# partial bucket), whatever the model size: a 70B model gets 68M-element buckets.
+MAX_BUCKET_CALLS = 1024
+
+
+def default_bucket_size(device_type: str, elements: int) -> int:
+    """ZeRO-2's bucket size (elements) when none is given, for ``elements`` in the flat buffer."""
+    floor = DEFAULT_BUCKET_SIZE.get(device_type, DEFAULT_BUCKET_SIZE["cuda"])
+    return max(floor, -(-int(elements) // MAX_BUCKET_CALLS))
+
 _OWNER = "_sharded_novograd_owner"
 _HYPER_KEYS = ("lr", "betas", "eps", "weight_decay", "grad_averaging", "amsgrad", "reg_inside_moment",
                "bias_correction", "init_zero", "norm_type")
@@ -114,7 +125,9 @@ class ShardedNovoGrad(torch.optim.Optimizer):
         align: the flat buffer is padded to a multiple of ``world_size * align``
             elements (default: 64)
         bucket_size: ZeRO-2 gradient bucket size in elements; None picks 2**20 on CPU
-            and 2**23 on CUDA (default: None)
+            and 2**23 on CUDA, or for larger models (above 1,024 such buckets: 8.6e9
+            elements on CUDA) enough that a step issues at most about 1,024 bucket
+            reductions plus one per rank (:func:`default_bucket_size`) (default: None)
         reduce_dtype: the dtype gradients are summed in over the ranks, as FSDP2's
             ``MixedPrecisionPolicy(reduce_dtype=...)``; None sums in the state dtype (fp32
             for bf16/fp16 models: exact averaging at twice the bytes of bf16);
@@ -179,9 +192,7 @@ class ShardedNovoGrad(torch.optim.Optimizer):
         self.world_size = C.group_size(self.process_group)
         # "unknown" until the first backward shows whether DDP averaged the gradients.
         self._source = {None: "unknown", True: "averaged", False: "own"}[grads_averaged]
-        if bucket_size is None:
-            bucket_size = DEFAULT_BUCKET_SIZE.get(self._first_device().type, DEFAULT_BUCKET_SIZE["cuda"])
-        self.bucket_size = bucket_size if zero_stage == 2 else None
+        self._bucket_request = bucket_size
         self._reduce_dtype_request = reduce_dtype
         self._build(align)
         self._pending_gather: List[tuple] = []  # (flat start, flat end, work) after attach()
@@ -270,6 +281,10 @@ class ShardedNovoGrad(torch.optim.Optimizer):
         self.state_dtype = torch.promote_types(first.dtype, torch.float32)
         self.reduce_dtype = self._reduce_dtype_request or self.state_dtype
         self.layout = ShardLayout(tuple(tuple(p.shape) for p in self._params), self.world_size, align)
+        self.bucket_size = None
+        if self.zero_stage == 2:
+            self.bucket_size = self._bucket_request or default_bucket_size(first.device.type,
+                                                                           self.layout.padded_total)
         lines = self.layout.describe() + [f"dtype={self.param_dtype}", f"zero_stage={self.zero_stage}",
                                           f"norm_type={self.norm_type}", f"method={self.method}",
                                           f"bucket_size={self.bucket_size}", f"max_grad_norm={self.max_grad_norm}",

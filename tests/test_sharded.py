@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from sharded_novograd import NovoGrad, ShardedNovoGrad
+from sharded_novograd import sharded as S
 from sharded_novograd.engine import stats_length
 from sharded_novograd.layout import ShardLayout
 
@@ -359,6 +360,21 @@ def count_collectives(rank, world):
                     calls.clear()
                     opt.step()
                 out[(len(shapes), method)] = (list(calls), opt.layout.padded_total)
+        # The default bucket grows with the model: at most MAX_BUCKET_CALLS bucket
+        # reductions plus one per owner (here with a small cap and floor).
+        saved = S.MAX_BUCKET_CALLS, S.DEFAULT_BUCKET_SIZE["cpu"]
+        S.MAX_BUCKET_CALLS, S.DEFAULT_BUCKET_SIZE["cpu"] = 4, 8
+        try:
+            params = make_params([(5,)] * 64, torch.float32)
+            opt = ShardedNovoGrad(params, lr=0.01, collective_method="reduce_scatter")
+        finally:
+            S.MAX_BUCKET_CALLS, S.DEFAULT_BUCKET_SIZE["cpu"] = saved
+        for step in range(2):
+            for p in params:
+                p.grad = torch.ones_like(p)
+            calls.clear()
+            opt.step()
+        out["capped"] = (sum(c[0] == "reduce" for c in calls), opt.bucket_size, opt.layout.padded_total)
     finally:
         for n, fn in originals.items():
             setattr(dist, n, fn)
@@ -497,8 +513,11 @@ def test_double_backward_without_no_sync_raises(world):
 @pytest.mark.parametrize("world", [2, 3, 4])
 def test_one_small_all_reduce_per_step(world):
     """Check that a step issues exactly one all-reduce of O(L) floats beyond the gradient
-    and parameter traffic, whatever the number of layers L."""
-    res = world_results(world)[0]["collectives"]
+    and parameter traffic, whatever the number of layers L, and that the default bucket
+    caps the bucket reductions (a cap of 4 here: at most 4 plus one per owner)."""
+    res = dict(world_results(world)[0]["collectives"])
+    reduces, bucket, padded = res.pop("capped")
+    assert bucket == -(-padded // 4) and reduces <= 4 + world, (reduces, bucket, padded)
     for (layers, method), (calls, padded) in res.items():
         stats = ("all_reduce", stats_length(layers, extra=layers))  # ZeRO-2 adds its L arrival keys
         assert calls.count(stats) == 1, (layers, method, calls)
@@ -509,6 +528,16 @@ def test_one_small_all_reduce_per_step(world):
             assert rest[-1] in (("all_gather_single", padded), ("all_gather_into_tensor", padded)), calls
         else:  # one all-reduce per bucket, then one broadcast per owner
             assert rest == [("all_reduce", shard)] * world + [("broadcast", shard)] * world, calls
+
+
+def test_default_bucket_size_caps_the_calls_per_step():
+    """Check the default ZeRO-2 bucket: the device's floor for small models, and at most
+    1,024 buckets for a 70B model (68M elements each, not 8,300 of 2**23)."""
+    assert S.default_bucket_size("cpu", 10 ** 6) == 1 << 20
+    assert S.default_bucket_size("cuda", 10 ** 9) == 1 << 23
+    p = 70 * 10 ** 9
+    b = S.default_bucket_size("cuda", p)
+    assert -(-p // b) <= 1024 and 68 * 10 ** 6 <= b <= 69 * 10 ** 6, b
 
 
 @pytest.mark.parametrize("world", [2, 3, 4])
