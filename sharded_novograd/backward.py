@@ -99,9 +99,13 @@ class BackwardTracker:
             node = self._nodes[layer]
             if node is not None and will(node):
                 continue
+            p = params[layer]
+            if not p.requires_grad:  # frozen since: no gradient can reach it
+                out.append(layer)
+                continue
             # The cached accumulator may be stale (p.data moved to another device or
             # dtype gets a new one): ask the parameter for its current one.
-            node = torch.autograd.graph.get_gradient_edge(params[layer]).node
+            node = torch.autograd.graph.get_gradient_edge(p).node
             self._nodes[layer] = node
             if not will(node):
                 out.append(layer)

@@ -108,6 +108,30 @@ def checkpointing_turned_on(rank, world):
     return out
 
 
+def frozen_later(rank, world):
+    """Block 5 frozen (requires_grad=False) from step 2 on, as fine-tuning recipes do:
+    it is no longer reachable, holds back nothing, and stays as it was."""
+    model, ref_model = _blocks(), _blocks()
+    opt = ShardedNovoGrad(model.parameters(), lr=0.01, bucket_size=BUCKET)
+    ref = NovoGrad(ref_model.parameters(), lr=0.01)
+    peaks = []
+    for step in range(5):
+        if step == 2:
+            for m in (model, ref_model):
+                m[5].requires_grad_(False)
+            frozen = [p.detach().clone() for p in model[5].parameters()]
+        _forward(model, _batch(rank, step)).backward()
+        peaks.append(opt._buckets.peak_elements)
+        opt.step()
+        opt.zero_grad()
+        for r in range(world):
+            (_forward(ref_model, _batch(r, step)) / world).backward()
+        ref.step()
+        ref.zero_grad()
+    return {"err": max(close_ratio(p, q, 1e-10, 1e-12) for p, q in zip(model.parameters(), ref_model.parameters())),
+            "peaks": peaks, "kept": all(torch.equal(a, p) for a, p in zip(frozen, model[5].parameters()))}
+
+
 def scenarios(rank, world):
     return {
         "skipped": _run(rank, world, _skips),
@@ -118,6 +142,7 @@ def scenarios(rank, world):
         # inside the nested backward, which must not be taken for the whole one.
         "reentrant_last_later": _run(rank, world, lambda s, r: ((), (DEPTH - 1,) if s >= 2 else ())),
         "turned_on": checkpointing_turned_on(rank, world),
+        "frozen_later": frozen_later(rank, world),
     }
 
 
@@ -170,3 +195,13 @@ def test_layer_first_reached_by_a_nested_backward_raises_everywhere(world):
                                      "started, was not going to reach it"), o
         assert "use_reentrant=False" in o["error"] and o["unchanged"], o
         assert o["err"] <= 1.0, o
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_block_frozen_during_training(world):
+    """Check that a block frozen after the optimizer was built stays unchanged, holds back
+    no bucket, and leaves the rest exact."""
+    for r in results(world):
+        o = r["frozen_later"]
+        assert o["err"] <= 1.0 and o["kept"], o
+        assert max(o["peaks"][1:]) <= 6 * BUCKET, o
