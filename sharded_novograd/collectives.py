@@ -8,8 +8,8 @@ The ZeRO-2 gradient reduction and the parameter gather come in two methods, chos
 per backend (measured, see docs/design.md):
 
 - ``"reduce_scatter"``: each shard-aligned gradient bucket is reduced to its owner
-  only (together, one reduce-scatter), and parameters are all-gathered: the
-  bandwidth-optimal pair on NCCL.
+  only (together, one reduce-scatter; a model of one bucket is one reduce-scatter),
+  and parameters are all-gathered: the bandwidth-optimal pair on NCCL.
 - ``"all_reduce"``: each bucket is all-reduced and its owner keeps it, and parameters
   are broadcast once per owner: the fastest pair on gloo, whose reduce-scatter and
   all-gather are not bandwidth-optimal.
@@ -17,7 +17,7 @@ per backend (measured, see docs/design.md):
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -233,18 +233,38 @@ def all_reduce_flags(flags: torch.Tensor, group) -> torch.Tensor:
     return flags
 
 
-def start_bucket_reduce(bucket: torch.Tensor, owner: int, method: str, group):
-    """Start summing a gradient bucket owned by group rank ``owner``; returns the work handle.
+class _Works:
+    """Several async collectives waited for as one."""
 
-    ``"reduce_scatter"`` reduces to the owner only (with shard-aligned buckets, the
-    buckets of one step together form a reduce-scatter); ``"all_reduce"`` sums on every
-    rank, which gloo does faster. Only the owner may read the result. This needs to be
-    called on all ranks, in the same bucket order.
+    def __init__(self, works):
+        self.works = works
+
+    def wait(self) -> None:
+        for w in self.works:
+            w.wait()
+
+
+def start_bucket_reduce(bucket: torch.Tensor, owners: Sequence[int], mine: Optional[torch.Tensor],
+                        method: str, group):
+    """Start summing a gradient bucket owned by the group ranks ``owners``; returns the work handle.
+
+    ``owners`` are consecutive ranks, each owning an equal whole part of the bucket, in
+    order. ``"all_reduce"`` sums the whole bucket on every rank in one call, which
+    gloo does faster; each owner reads its part. ``"reduce_scatter"`` sums each part
+    only on its owner: every rank of the group owning a part is one reduce-scatter
+    into ``mine`` (a model of one bucket); otherwise one reduce per owner, landing in
+    the owner's part of the bucket. Only an owner may read the result. This needs to
+    be called on all ranks, in the same bucket order.
     """
-    if method == "reduce_scatter":
-        return dist.reduce(_flat(bucket), dst=dist.get_global_rank(group, owner), op=dist.ReduceOp.SUM,
-                           group=group, async_op=True)
-    return dist.all_reduce(_flat(bucket), op=dist.ReduceOp.SUM, group=group, async_op=True)
+    if method != "reduce_scatter":
+        return dist.all_reduce(_flat(bucket), op=dist.ReduceOp.SUM, group=group, async_op=True)
+    if len(owners) == group_size(group) and len(owners) > 1:
+        fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+        return fn(_flat(mine), _flat(bucket), op=dist.ReduceOp.SUM, group=group, async_op=True)
+    part = bucket.numel() // len(owners)
+    return _Works([dist.reduce(bucket.narrow(0, i * part, part), dst=dist.get_global_rank(group, r),
+                               op=dist.ReduceOp.SUM, group=group, async_op=True)
+                   for i, r in enumerate(owners)])
 
 
 def all_gather_text(text: str, group, device) -> List[str]:

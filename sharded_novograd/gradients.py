@@ -91,7 +91,10 @@ class GradientBuckets:
     """ZeRO-2 gradient reduction, overlapped with backward.
 
     Each rank's shard is cut into buckets of at most ``bucket_size`` elements, so a
-    bucket has exactly one owner. A post-accumulate-grad hook copies each layer's
+    bucket has exactly one owner; shards smaller than half a bucket are grouped
+    instead, ``bucket_size // shard_size`` whole shards to a bucket (all-reduced in
+    one call; with ``"reduce_scatter"``, one reduce per owner, or one reduce-scatter
+    when the bucket holds every shard). A post-accumulate-grad hook copies each layer's
     gradient into the buckets it overlaps and frees ``.grad``; a bucket whose layers
     have all arrived is reduced asynchronously to its owner. Buckets are sent in one
     order that every rank shares, so every rank issues the same collectives in the
@@ -113,12 +116,20 @@ class GradientBuckets:
         S = layout.shard_size
         self.layout, self.rank, self.dtype, self.device = layout, rank, dtype, device  # dtype: on the wire
         self.method, self.group, self.max_in_flight = method, group, max_in_flight
-        self.bucket_len = min(bucket_size, S)
+        W = layout.world_size
         self.pool: List[torch.Tensor] = []
         # This rank's buckets tile its range, so draining them rewrites every element.
         self.shard_grad = torch.empty(S, dtype=shard_dtype or dtype, device=device)
-        self.ranges = [(r * S + lo, min(bucket_size, S - lo), r)  # (flat start, length, owner)
-                       for r in range(layout.world_size) for lo in range(0, S, bucket_size)]
+        # (flat start, length, owners). A shard of at least a bucket is cut into buckets
+        # with one owner; smaller shards are grouped, k whole shards to a bucket, so a
+        # step issues about P / bucket_size bucket collectives, not at least N.
+        k = max(1, bucket_size // S)
+        if k == 1:
+            self.ranges = [(r * S + lo, min(bucket_size, S - lo), (r,)) for r in range(W) for lo in range(0, S, bucket_size)]
+        else:
+            self.ranges = [(r * S, (min(r + k, W) - r) * S, tuple(range(r, min(r + k, W)))) for r in range(0, W, k)]
+        self.bucket_len = max(n for _, n, _ in self.ranges)
+        self._mine: Optional[torch.Tensor] = None  # this rank's part of a bucket of every shard, reduce-scattered
         # For each layer: (bucket, offset in layer, offset in bucket, numel).
         self.pieces: List[List[tuple]] = [[] for _ in range(layout.num_layers)]
         self.members: List[int] = [0] * len(self.ranges)
@@ -235,12 +246,14 @@ class GradientBuckets:
             self._send(self.order[self.pos])
 
     def _send(self, b: int) -> None:
-        owner = self.ranges[b][2]
+        owners = self.ranges[b][2]
         buf = self._buffer(b)
         for layer, off, n in self.contents[b]:
             if not self.arrived[layer]:  # no gradient on this rank: it contributes zeros
                 buf.narrow(0, off, n).zero_()
-        work = C.start_bucket_reduce(buf, owner, self.method, self.group)
+        if self._mine is None and len(owners) == self.layout.world_size > 1:
+            self._mine = torch.empty(self.layout.shard_size, dtype=self.dtype, device=self.device)
+        work = C.start_bucket_reduce(buf, owners, self._mine, self.method, self.group)
         self.in_flight.append((b, work))
         self.sent[b] = True
         self.pos += 1
@@ -251,15 +264,21 @@ class GradientBuckets:
         b, work = self.in_flight.pop(0)
         work.wait()
         buf = self.buffers.pop(b)
-        start, n, owner = self.ranges[b]
-        if owner == self.rank:
+        start, n, owners = self.ranges[b]
+        if self.rank in owners:
             # The owner's copy out of the bucket also makes the sum a mean: one pass, not two.
-            lo = start - self.rank * self.layout.shard_size
-            dst = self.shard_grad.narrow(0, lo, n)
+            S = self.layout.shard_size
+            if len(owners) == 1:
+                lo, src = start - self.rank * S, buf
+            elif self.method == "reduce_scatter" and len(owners) == self.layout.world_size:
+                lo, src = 0, self._mine  # the reduce-scatter's output
+            else:  # whole shards: this rank's part of the sum
+                lo, src = 0, buf.narrow(0, (self.rank - owners[0]) * S, S)
+            dst = self.shard_grad.narrow(0, lo, src.numel())
             if self.accumulated:
-                dst.add_(buf.div(self.layout.world_size))
+                dst.add_(src.div(self.layout.world_size))
             else:
-                torch.div(buf, self.layout.world_size, out=dst)
+                torch.div(src, self.layout.world_size, out=dst)
         self.pool.append(self.backing.pop(b))
 
     def too_late(self, layer: int) -> bool:

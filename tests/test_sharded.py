@@ -61,9 +61,16 @@ CASES = {
     "nonfinite_skip_fp64": (torch.float64, torch.float64, dict(lr=0.01), {"poison_step": 5}),
     "frozen_fp64": (torch.float64, torch.float64, dict(lr=0.01), {"frozen": 2}),
     "bf16": (torch.bfloat16, torch.float32, dict(lr=0.01, weight_decay=0.01), {}),
+    # 400-element buckets group 2 shards of 192 at world 4 and 3 of 128 at world 8 (ranks
+    # 6 and 7 empty): reduce-scattered in one call per group, or all-reduced.
+    "grouped_reduce_scatter_fp64": (torch.float64, torch.float64,
+                                    dict(lr=0.01, bucket_size=400, collective_method="reduce_scatter"), {}),
+    "grouped_all_reduce_fp64": (torch.float64, torch.float64,
+                                dict(lr=0.01, bucket_size=400, collective_method="all_reduce"), {}),
 }
 WORLD_CASES = {1: list(CASES), 2: list(CASES), 3: list(CASES), 4: list(CASES),
-               8: ["paper_fp64_zero2", "paper_fp32_reduce_scatter", "apex_fp64", "bf16"]}
+               8: ["paper_fp64_zero2", "paper_fp32_reduce_scatter", "apex_fp64", "bf16",
+                   "grouped_reduce_scatter_fp64", "grouped_all_reduce_fp64"]}
 
 
 def trajectory(rank, world, name):
@@ -78,7 +85,8 @@ def trajectory(rank, world, name):
     groups = _split_groups if opts.get("groups") else (lambda ps: ps)
     max_norm = kwargs.get("max_grad_norm")
     opt = ShardedNovoGrad(groups(params), **kwargs)
-    ref_kwargs = {k: v for k, v in kwargs.items() if k not in ("zero_stage", "max_grad_norm", "collective_method")}
+    ref_kwargs = {k: v for k, v in kwargs.items()
+                  if k not in ("zero_stage", "max_grad_norm", "collective_method", "bucket_size")}
     ref = NovoGrad(groups(ref_params), **ref_kwargs)
     scheds = []
     if opts.get("scheduler"):
@@ -334,8 +342,8 @@ def live_state_and_master(rank, world):
 
 def count_collectives(rank, world):
     """Record every collective of one warm step, for two models of 8 and 64 layers."""
-    names = ["all_reduce", "broadcast", "all_gather_into_tensor", "all_gather_single",
-             "reduce_scatter_tensor", "reduce_scatter_single", "all_gather", "reduce", "all_to_all_single"]
+    names = ["all_reduce", "broadcast", "all_gather_into_tensor", "all_gather_single", "reduce_scatter_tensor",
+             "reduce_scatter_single", "all_gather", "reduce", "all_to_all_single"]
     calls = []
     originals = {n: getattr(dist, n) for n in names if hasattr(dist, n)}
 
@@ -375,6 +383,16 @@ def count_collectives(rank, world):
             calls.clear()
             opt.step()
         out["capped"] = (sum(c[0] == "reduce" for c in calls), opt.bucket_size, opt.layout.padded_total)
+        # Buckets of two whole shards, all-reduced: ceil(N / 2) bucket calls, not N.
+        params = make_params(SHAPES, torch.float32)
+        shard = ShardLayout(tuple(p.shape for p in params), world).shard_size
+        opt = ShardedNovoGrad(params, lr=0.01, collective_method="all_reduce", bucket_size=2 * shard)
+        for step in range(2):
+            for p in params:
+                p.grad = torch.ones_like(p)
+            calls.clear()
+            opt.step()
+        out["grouped"] = [c for c in calls if c[0] == "all_reduce"], shard
     finally:
         for n, fn in originals.items():
             setattr(dist, n, fn)
@@ -518,16 +536,20 @@ def test_one_small_all_reduce_per_step(world):
     res = dict(world_results(world)[0]["collectives"])
     reduces, bucket, padded = res.pop("capped")
     assert bucket == -(-padded // 4) and reduces <= 4 + world, (reduces, bucket, padded)
+    grouped, shard = res.pop("grouped")
+    pairs = [("all_reduce", 2 * shard)] * (world // 2) + [("all_reduce", shard)] * (world % 2)
+    assert sorted(grouped[:-1]) == sorted(pairs), grouped  # the last is the statistics
     for (layers, method), (calls, padded) in res.items():
         stats = ("all_reduce", stats_length(layers, extra=layers))  # ZeRO-2 adds its L arrival keys
         assert calls.count(stats) == 1, (layers, method, calls)
         shard = padded // world
         rest = [c for c in calls if c != stats]
-        if method == "reduce_scatter":  # one reduce per shard-aligned bucket, then one all-gather
-            assert rest[:-1] == [("reduce", shard)] * world, calls
+        # Shards smaller than a bucket are grouped: here all of them, in one bucket.
+        if method == "reduce_scatter":  # one reduce-scatter (its output: a shard), then one all-gather
+            assert rest[:-1] in ([("reduce_scatter_single", shard)], [("reduce_scatter_tensor", shard)]), calls
             assert rest[-1] in (("all_gather_single", padded), ("all_gather_into_tensor", padded)), calls
-        else:  # one all-reduce per bucket, then one broadcast per owner
-            assert rest == [("all_reduce", shard)] * world + [("broadcast", shard)] * world, calls
+        else:  # one all-reduce of the whole bucket, then one broadcast per owner
+            assert rest == [("all_reduce", padded)] + [("broadcast", shard)] * world, calls
 
 
 def test_default_bucket_size_caps_the_calls_per_step():
