@@ -1058,7 +1058,7 @@ def padded_total(P: int, N: int, align: int = 64) -> int:
 
 
 def split_sharded_calls(calls, facts: Dict, N: int, zero_stage: int = 2):
-    """ShardedNovoGrad's step collectives: the statistics all-reduce(s) of 2L+19 (ZeRO-2: 3L+19) fp64
+    """ShardedNovoGrad's step collectives: the statistics all-reduce(s) of 2L+19 (ZeRO-2: 4L+19) fp64
     values, and the total bytes of all the others (gradient reduction, parameter gather)."""
     stats = 8 * param_counts.stats_vector_floats(facts["L"], zero_stage)
     extra = [c for c in calls if c[0] == "all_reduce" and c[1] == stats]

@@ -92,9 +92,9 @@ def count(arch: Arch) -> Dict[str, int]:
 # ---------------------------------------------------------------- cost model
 def stats_vector_floats(L: int, zero_stage: int = 2) -> int:
     """Length of ShardedNovoGrad's one extra all-reduce (norm_type=2, float64 values): see
-    :func:`sharded_novograd.engine.stats_length`; ZeRO-2 adds its L bucket-order keys."""
+    :func:`sharded_novograd.engine.stats_length`; ZeRO-2 adds its 2L bucket-order values."""
     from sharded_novograd.engine import stats_length
-    return stats_length(L, extra=L if zero_stage == 2 else 0)
+    return stats_length(L, extra=2 * L if zero_stage == 2 else 0)
 
 
 def optimizer_state_bytes(kind: str, P: int, L: int, N: int, param_bytes: int, align: int = 64,

@@ -16,10 +16,12 @@
   :func:`torch.autograd.graph.register_multi_grad_hook` uses). A layer whose gradient
   accumulator is not among them gets no gradient on this rank in this backward, so
   its buckets need not wait for it. The engine only knows the nodes of the backward
-  that is running: a nested one's layers are invisible to the outer one, so layers
-  once seen arriving in a nested backward (a graph task other than the first hook's,
-  or the first hook's when that one turned out nested) are never predicted, and
-  nothing is predicted from a first hook that runs inside a nested backward (one
+  that is running, and a nested one's layers are invisible to the outer one. So only
+  layers that an earlier outermost backward on this rank reached are predicted
+  (a layer reached so far only by nested backwards, or never, could be reached by a
+  nested one now), never those seen arriving in a nested backward (a graph task
+  other than the first hook's, or the first hook's when that one turned out nested),
+  and nothing is predicted from a first hook that runs inside a nested backward (one
   started from an autograd Function's backward, as reentrant checkpointing does).
 """
 
@@ -59,6 +61,7 @@ class BackwardTracker:
     def __init__(self, num_layers: int, on_end: Callable[[], None]):
         self.on_end = on_end
         self.nested: Set[int] = set()  # layers seen arriving in a backward nested in another
+        self.outer: Set[int] = set()  # layers seen arriving in an outermost backward
         self._nodes: List[Optional[torch.autograd.graph.Node]] = [None] * num_layers  # gradient accumulators
         self._queued = False
         self._first_task: Optional[int] = None
@@ -88,13 +91,14 @@ class BackwardTracker:
 
     def unreached(self, params: Sequence[torch.Tensor], candidates: Sequence[int]) -> List[int]:
         """Of ``candidates``, the layers the running backward will not reach, when that is
-        known for certain (else none). Call it from a gradient hook."""
+        known for certain (else none): layers an earlier outermost backward reached.
+        Call it from a gradient hook."""
         if _inside_function_backward():
             return []  # the engine knows only this nested backward's nodes
         will = torch._C._will_engine_execute_node
         out = []
         for layer in candidates:
-            if layer in self.nested:
+            if layer in self.nested or layer not in self.outer:
                 continue
             node = self._nodes[layer]
             if node is not None and will(node):
@@ -125,6 +129,7 @@ class BackwardTracker:
 
             handle.append(outer.register_hook(resume))
             return
+        self.outer.update(self._task_layers.get(task, ()))  # arrived in the outermost backward
         self._task_layers = {}
         # Queued again from here: DDP's own end-of-backward callback, queued after
         # ours, runs in between and writes the averaged gradients.

@@ -149,18 +149,21 @@ class GradientBuckets:
         self.order = list(range(len(self.ranges) - 1, -1, -1))
         self.reset()
 
-    def set_order(self, arrivals: Sequence[float]) -> None:
+    def set_order(self, summed: Sequence[float]) -> None:
         """Send buckets by the mean arrival position of their last layer, over the ranks it
-        reached (unreached everywhere: last; ties: descending offset). A layer skipped
-        on some ranks keeps the place it has where it arrives: the ranks that skip it
-        do not wait for it (:meth:`skip`).
+        reached (ties: descending offset). A layer skipped on some ranks keeps the place
+        it has where it arrives when the ranks that skipped it knew they would
+        (:meth:`skip`); a layer reached nowhere, or one whose buckets waited for it on
+        some rank, goes last.
 
-        ``arrivals`` (see :data:`ARRIVED`) must be identical on every rank (the step's
-        reduced values): the send order is part of the collective protocol."""
+        ``summed`` holds the L arrival values (see :data:`ARRIVED`) and the L counts of
+        ranks that waited, summed over the ranks: identical on every rank (the step's
+        reduced values), as the send order is part of the collective protocol."""
+        L = self.layout.num_layers
         layer_keys = []
-        for v in arrivals:
+        for v, waited in zip(summed[:L], summed[L:]):
             count = math.floor(v / ARRIVED)
-            layer_keys.append((v - count * ARRIVED) / count if count else math.inf)
+            layer_keys.append((v - count * ARRIVED) / count if count and not waited else math.inf)
         keys = [max((layer_keys[layer] for layer, _, _ in self.contents[b]), default=-1.0)
                 for b in range(len(self.ranges))]
         self.order = sorted(range(len(self.ranges)), key=lambda b: (keys[b], -b))
@@ -169,6 +172,7 @@ class GradientBuckets:
         self.peak_elements = 0  # most gradient elements buffered at once, this step
         self.accumulated = False  # shard_grad holds earlier micro-batches' means: drains add
         self.ever = [False] * self.layout.num_layers  # layers with a gradient in any micro-batch
+        self.waited = [False] * self.layout.num_layers  # unreached layers waited for until backward ended
         self._reset_backward()
 
     def next_micro_batch(self) -> None:

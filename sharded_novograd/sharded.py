@@ -398,10 +398,11 @@ class ShardedNovoGrad(torch.optim.Optimizer):
         if self._source != "own" or not self._sync:
             return  # step() takes it from .grad
         if first:
-            # Layers this backward will not reach here hold back no bucket.
+            # Layers this backward will not reach here hold back no bucket: they send
+            # what earlier backwards (no_sync) left in .grad, or nothing.
             idle = [i for i in range(self.layout.num_layers) if not bk.arrived[i] and not bk.unreached[i]]
             for i in self._backward.unreached(self._params, idle):
-                bk.skip(i)
+                self._take_leftover(i) or bk.skip(i)
         if bk.unreached[layer]:
             self._backward.nested.add(layer)  # reached after all: never predict it again
         if bk.arrived[layer] or bk.too_late(layer) or grad_problem(layer, p):
@@ -429,6 +430,11 @@ class ShardedNovoGrad(torch.optim.Optimizer):
                             "the optimizer reduces none")
         if self._source == "own" and self._buckets is not None and self._sync:
             bk = self._buckets
+            for i in range(self.layout.num_layers):
+                if not bk.arrived[i] and not bk.unreached[i]:
+                    # .grad from backwards inside no_sync() that this one did not reach, or
+                    # nothing: then this layer's buckets waited for it until now.
+                    bk.waited[i] = not self._take_leftover(i)
             # Like DDP: send every bucket still open (layers unused on this rank
             # contribute zeros), so that all of this step's bucket collectives are issued
             # inside backward on every rank and cannot pair up with a collective the
@@ -437,6 +443,17 @@ class ShardedNovoGrad(torch.optim.Optimizer):
             if self._accumulating:
                 bk.next_micro_batch()
         self._hooked = {layer: v for layer, v in self._hooked.items() if self._params[layer].grad is not None}
+
+    def _take_leftover(self, layer: int) -> bool:
+        """ZeRO-2: hand ``layer``'s ``.grad``, left by an earlier backward, to the buckets;
+        whether it did (a bad gradient stays for step() to report)."""
+        p, bk = self._params[layer], self._buckets
+        if p.grad is None or bk.too_late(layer) or grad_problem(layer, p) is not None:
+            return p.grad is not None
+        bk.add(layer, p.grad)
+        p.grad = None
+        self._hooked.pop(layer, None)
+        return True
 
     @contextlib.contextmanager
     def accumulate(self):
@@ -531,9 +548,11 @@ class ShardedNovoGrad(torch.optim.Optimizer):
         return None
 
     def _arrival_vector(self) -> Optional[List[float]]:
+        """ZeRO-2's extra values in the step's collective: the arrivals, then 1 for each
+        layer whose buckets waited for it until backward ended on this rank."""
         if self._buckets is None:
             return None
-        return self._arrival
+        return self._arrival + [1.0 if w else 0.0 for w in self._buckets.waited]
 
     def _reduce_gradients(self, problem: Optional[str]):
         """This rank's shard of the rank-averaged gradient, the local has-gradient flags
@@ -581,7 +600,9 @@ class ShardedNovoGrad(torch.optim.Optimizer):
                     "With zero_stage=2, accumulate micro-batches inside `with optimizer.no_sync():` for all but "
                     "the last backward. If the model was wrapped in DistributedDataParallel after the first "
                     "step, build the optimizer with grads_averaged=True (or wrap the model before the first "
-                    "backward, where it is detected)")
+                    "backward, where it is detected). A parameter used both inside and outside a reentrant "
+                    "activation checkpoint gets two gradients in one backward: use checkpoint(..., "
+                    "use_reentrant=False)")
                 continue
             bad = grad_problem(i, p)
             problem = problem or bad

@@ -45,12 +45,12 @@ def _batch(rank, step):
     return torch.randn(4, WIDTH, dtype=torch.float64, generator=g).requires_grad_()
 
 
-def _run(rank, world, plan, steps=5):
+def _run(rank, world, plan, steps=5, **kwargs):
     """``plan(step, rank) -> (skip, reentrant)``. Returns the error against the reference,
     the peak buffered gradient elements per step, and whether every bucket left during
     backward."""
     model, ref_model = _blocks(), _blocks()
-    opt = ShardedNovoGrad(model.parameters(), lr=0.01, bucket_size=BUCKET)
+    opt = ShardedNovoGrad(model.parameters(), lr=0.01, bucket_size=BUCKET, **kwargs)
     ref = NovoGrad(ref_model.parameters(), lr=0.01)
     peaks, all_sent = [], []
     for step in range(steps):
@@ -108,6 +108,27 @@ def checkpointing_turned_on(rank, world):
     return out
 
 
+def conditional_micro_batches(rank, world, context):
+    """Two micro-batches, the first inside ``context`` (no_sync or accumulate); block 2
+    (a conditional branch, an expert) is used by the first only: the last backward does
+    not reach it, and what the first left must still be reduced."""
+    model, ref_model = _blocks(), _blocks()
+    opt = ShardedNovoGrad(model.parameters(), lr=0.01, bucket_size=BUCKET)
+    ref = NovoGrad(ref_model.parameters(), lr=0.01)
+    for step in range(4):
+        with getattr(opt, context)():
+            _forward(model, _batch(rank, 10 * step)).backward()
+        _forward(model, _batch(rank, 10 * step + 1), skip=(2,)).backward()
+        opt.step()
+        opt.zero_grad()
+        for r in range(world):
+            (_forward(ref_model, _batch(r, 10 * step)) / world).backward()
+            (_forward(ref_model, _batch(r, 10 * step + 1), skip=(2,)) / world).backward()
+        ref.step()
+        ref.zero_grad()
+    return max(close_ratio(p, q, 1e-10, 1e-12) for p, q in zip(model.parameters(), ref_model.parameters()))
+
+
 def frozen_later(rank, world):
     """Block 5 frozen (requires_grad=False) from step 2 on, as fine-tuning recipes do:
     it is no longer reachable, holds back nothing, and stays as it was."""
@@ -142,6 +163,13 @@ def scenarios(rank, world):
         # inside the nested backward, which must not be taken for the whole one.
         "reentrant_last_later": _run(rank, world, lambda s, r: ((), (DEPTH - 1,) if s >= 2 else ())),
         "turned_on": checkpointing_turned_on(rank, world),
+        # Buckets live from the first backward, which meets the nested backward first.
+        "own_from_the_start": _run(rank, world, lambda s, r: ((), (2, 5)), grads_averaged=False),
+        # A checkpointed block skipped on rank 0 before its first use there (LayerDrop):
+        # never reached by an outermost backward, so never taken for unreached.
+        "dropped_before_first_use": _run(rank, world, lambda s, r: ((3,) if s < 2 and r == 0 else (), (3,))),
+        "no_sync_conditional": conditional_micro_batches(rank, world, "no_sync"),
+        "accumulate_conditional": conditional_micro_batches(rank, world, "accumulate"),
         "frozen_later": frozen_later(rank, world),
     }
 
@@ -172,6 +200,28 @@ def test_reentrant_checkpointing_of_the_last_blocks(world, name):
         o = r[name]
         assert o["err"] <= 1.0, o
         assert all(o["all_sent"][1:]), o
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("name", ["own_from_the_start", "dropped_before_first_use"])
+def test_reentrant_blocks_met_before_the_optimizer_saw_them(world, name):
+    """Check that a nested backward is not mistaken for an unreached layer when the
+    optimizer has not yet seen that block reached: with buckets live from the first
+    backward (grads_averaged=False), and for a checkpointed block skipped on one rank
+    before its first use there."""
+    for r in results(world):
+        o = r[name]
+        assert o["err"] <= 1.0, o
+        assert all(o["all_sent"][1:]), o
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("context", ["no_sync", "accumulate"])
+def test_layer_used_only_by_earlier_micro_batches(world, context):
+    """Check that a block used by the first micro-batch only (no_sync or accumulate) is
+    reduced with the rest: the last backward does not reach it."""
+    for r in results(world):
+        assert r[f"{context}_conditional"] <= 1.0, r[f"{context}_conditional"]
 
 
 @pytest.mark.parametrize("world", [2, 3])
