@@ -178,6 +178,13 @@ def results(world):
     return shared_world(scenarios, world, timeout=240.0, collective_timeout=30.0)
 
 
+def _exact_with_every_bucket_sent_in_backward(world, name):
+    for r in results(world):
+        o = r[name]
+        assert o["err"] <= 1.0, o
+        assert all(o["all_sent"][1:]), o  # after the first step, which only watches
+
+
 @pytest.mark.parametrize("world", [2, 3])
 def test_layers_skipped_on_some_ranks_hold_back_no_bucket(world):
     """Check that blocks skipped on some ranks, a different one each step, leave the result
@@ -196,10 +203,7 @@ def test_reentrant_checkpointing_of_the_last_blocks(world, name):
     """Check that a backward nested in the outer one (reentrant checkpointing of the last
     block, or of every block) neither ends the optimizer's backward early nor loses
     exactness: every bucket still leaves during backward."""
-    for r in results(world):
-        o = r[name]
-        assert o["err"] <= 1.0, o
-        assert all(o["all_sent"][1:]), o
+    _exact_with_every_bucket_sent_in_backward(world, name)
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -209,10 +213,7 @@ def test_reentrant_blocks_met_before_the_optimizer_saw_them(world, name):
     optimizer has not yet seen that block reached: with buckets live from the first
     backward (grads_averaged=False), and for a checkpointed block skipped on one rank
     before its first use there."""
-    for r in results(world):
-        o = r[name]
-        assert o["err"] <= 1.0, o
-        assert all(o["all_sent"][1:]), o
+    _exact_with_every_bucket_sent_in_backward(world, name)
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -228,10 +229,7 @@ def test_layer_used_only_by_earlier_micro_batches(world, context):
 def test_skipped_layers_with_reentrant_checkpointing(world):
     """Check that layers reached only by a nested backward are never taken for skipped ones
     (the outer backward's engine does not see them) while skipped blocks still are."""
-    for r in results(world):
-        o = r["skipped_and_reentrant"]
-        assert o["err"] <= 1.0, o
-        assert all(o["all_sent"][1:]), o
+    _exact_with_every_bucket_sent_in_backward(world, "skipped_and_reentrant")
 
 
 @pytest.mark.parametrize("world", [2, 3])
