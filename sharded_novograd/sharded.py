@@ -398,11 +398,13 @@ class ShardedNovoGrad(torch.optim.Optimizer):
         if self._source != "own" or not self._sync:
             return  # step() takes it from .grad
         if first:
-            # Layers this backward will not reach here hold back no bucket: they send
-            # what earlier backwards (no_sync) left in .grad, or nothing.
+            # Layers this backward will not reach here hold back no bucket. One holding
+            # what earlier backwards (no_sync) left in .grad waits for the end of this
+            # backward, which takes that .grad (a nested backward may still add to it).
             idle = [i for i in range(self.layout.num_layers) if not bk.arrived[i] and not bk.unreached[i]]
             for i in self._backward.unreached(self._params, idle):
-                self._take_leftover(i) or bk.skip(i)
+                if self._params[i].grad is None:
+                    bk.skip(i)
         if bk.unreached[layer]:
             self._backward.nested.add(layer)  # reached after all: never predict it again
         if bk.arrived[layer] or bk.too_late(layer) or grad_problem(layer, p):
@@ -432,9 +434,10 @@ class ShardedNovoGrad(torch.optim.Optimizer):
             bk = self._buckets
             for i in range(self.layout.num_layers):
                 if not bk.arrived[i] and not bk.unreached[i]:
-                    # .grad from backwards inside no_sync() that this one did not reach, or
-                    # nothing: then this layer's buckets waited for it until now.
-                    bk.waited[i] = not self._take_leftover(i)
+                    # This layer's buckets waited for it until now; it sends the .grad of
+                    # backwards inside no_sync() that this one did not reach, or zeros.
+                    bk.waited[i] = True
+                    self._take_leftover(i)
             # Like DDP: send every bucket still open (layers unused on this rank
             # contribute zeros), so that all of this step's bucket collectives are issued
             # inside backward on every rank and cannot pair up with a collective the
@@ -444,16 +447,15 @@ class ShardedNovoGrad(torch.optim.Optimizer):
                 bk.next_micro_batch()
         self._hooked = {layer: v for layer, v in self._hooked.items() if self._params[layer].grad is not None}
 
-    def _take_leftover(self, layer: int) -> bool:
-        """ZeRO-2: hand ``layer``'s ``.grad``, left by an earlier backward, to the buckets;
-        whether it did (a bad gradient stays for step() to report)."""
+    def _take_leftover(self, layer: int) -> None:
+        """ZeRO-2: hand ``layer``'s ``.grad``, left by an earlier backward, to the buckets
+        (a bad gradient stays for step() to report)."""
         p, bk = self._params[layer], self._buckets
         if p.grad is None or bk.too_late(layer) or grad_problem(layer, p) is not None:
-            return p.grad is not None
+            return
         bk.add(layer, p.grad)
         p.grad = None
         self._hooked.pop(layer, None)
-        return True
 
     @contextlib.contextmanager
     def accumulate(self):
