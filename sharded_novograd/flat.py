@@ -61,10 +61,11 @@ class FlatParams:
 
     # ------------------------------------------------------------------ detachment
     def check(self) -> List[int]:
-        """Layers that are no longer views of the flat buffer (O(L), no collective)."""
+        """Layers that are no longer views of the flat buffer (O(L), no collective). A
+        0-element view has no address (data_ptr() is 0): only its device and dtype count."""
         flat = self.flat
         return [i for i, (p, ptr) in enumerate(zip(self.params, self._ptrs))
-                if p.data_ptr() != ptr or p.device != flat.device or p.dtype != flat.dtype]
+                if (p.data_ptr() != ptr and p.numel()) or p.device != flat.device or p.dtype != flat.dtype]
 
     def why_not_adoptable(self, moved: Sequence[int]) -> Optional[str]:
         """Why the parameters in ``moved`` cannot be re-adopted exactly, or None."""

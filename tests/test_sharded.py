@@ -399,6 +399,25 @@ def count_collectives(rank, world):
     return out
 
 
+def zero_element_layers(rank, world):
+    """Layers of 0 elements (an empty bias, a (0, 4) weight) between others: exact, and
+    never taken for parameters moved since the last step (a 0-element view has no
+    address), which re-adopted the whole model and logged it at every step."""
+    shapes = [(3,), (0,), (0, 4), (5,)]
+    params = make_params(shapes, torch.float64)
+    ref_params = reference_copy(params, torch.float64)
+    opt = ShardedNovoGrad(params, lr=0.01, bucket_size=4)
+    ref = NovoGrad(ref_params, lr=0.01)
+    for step in range(3):
+        for i, (p, q) in enumerate(zip(params, ref_params)):
+            p.grad = rank_grad(rank, step, i, p.shape, torch.float64)
+            q.grad = averaged_grad(world, step, i, p.shape, torch.float64, torch.float64)
+        opt.step()
+        ref.step()
+    err = max(close_ratio(p, q, 1e-10, 1e-12) for p, q in zip(params, ref_params))
+    return {"err": err, "adoptions": opt._store.adoptions}
+
+
 def layout_mismatch(rank, world):
     """Ranks that build different layouts all raise a RuntimeError naming the difference."""
     shapes = list(SHAPES)
@@ -423,6 +442,7 @@ def run_all(rank, world):
         out["attached_rs"] = real_model(rank, world, bucket_size=8, attach=True, method="reduce_scatter")
         out["accumulate"] = real_model(rank, world, bucket_size=16, micro=3)
         out["double_backward"] = double_backward(rank, world)
+        out["zero_element"] = zero_element_layers(rank, world)
         out["different_graphs"] = different_graphs_with_user_collective(rank, world)
         out["live_state"] = live_state_and_master(rank, world)
         out["checkpointing"] = [activation_checkpointing(rank, world, r) for r in (False, True)]
@@ -560,6 +580,14 @@ def test_default_bucket_size_caps_the_calls_per_step():
     p = 70 * 10 ** 9
     b = S.default_bucket_size("cuda", p)
     assert -(-p // b) <= 1024 and 68 * 10 ** 6 <= b <= 69 * 10 ** 6, b
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_zero_element_layers(world):
+    """Check that 0-element layers are exact and never re-adopted as if moved."""
+    for r in world_results(world):
+        o = r["zero_element"]
+        assert o["adoptions"] == 0 and o["err"] <= 1.0, o
 
 
 @pytest.mark.parametrize("world", [2, 3, 4])
