@@ -28,6 +28,7 @@
 from __future__ import annotations
 
 import sys
+import weakref
 from typing import Callable, Dict, List, Optional, Sequence, Set
 
 import torch
@@ -54,12 +55,13 @@ class BackwardTracker:
 
     Args:
         num_layers: number of parameters (layers), indexed as in the layout.
-        on_end: called once when the outermost backward ends, after the callbacks that
-            were queued before this tracker's first one (DDP's) have run.
+        on_end: a bound method, called once when the outermost backward ends, after the
+            callbacks that were queued before this tracker's first one (DDP's) have run.
+            Held weakly: the tracker does not keep its owner (the optimizer) alive.
     """
 
     def __init__(self, num_layers: int, on_end: Callable[[], None]):
-        self.on_end = on_end
+        self._on_end = weakref.WeakMethod(on_end)
         self.nested: Set[int] = set()  # layers seen arriving in a backward nested in another
         self.outer: Set[int] = set()  # layers seen arriving in an outermost backward
         self._nodes: List[Optional[torch.autograd.graph.Node]] = [None] * num_layers  # gradient accumulators
@@ -137,4 +139,6 @@ class BackwardTracker:
 
     def _backward_end(self) -> None:
         self._queued = False
-        self.on_end()
+        on_end = self._on_end()
+        if on_end is not None:
+            on_end()

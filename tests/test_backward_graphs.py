@@ -154,6 +154,33 @@ def frozen_later(rank, world):
             "peaks": peaks, "kept": all(torch.equal(a, p) for a, p in zip(frozen, model[5].parameters()))}
 
 
+def replaced_by_another_optimizer(rank, world):
+    """``del opt`` after some ZeRO-2 steps, then torch's SGD on the same model: the
+    ShardedNovoGrad must be gone at once (no reference cycle left for the garbage
+    collector), or its gradient hooks would keep taking .grad away from SGD."""
+    import gc
+    import weakref
+
+    model = _blocks()
+    opt = ShardedNovoGrad(model.parameters(), lr=0.01, bucket_size=BUCKET)
+    for step in range(2):
+        _forward(model, _batch(rank, step)).backward()
+        opt.step()
+        opt.zero_grad()
+    gc.disable()
+    try:
+        alive = weakref.ref(opt)
+        del opt
+        freed = alive() is None
+        sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+        _forward(model, _batch(rank, 9)).backward()
+        grads = all(p.grad is not None for p in model.parameters())
+        sgd.step()
+    finally:
+        gc.enable()
+    return {"freed": freed, "grads": grads}
+
+
 def scenarios(rank, world):
     return {
         "skipped": _run(rank, world, _skips),
@@ -176,6 +203,7 @@ def scenarios(rank, world):
         "no_sync_then_checkpointed": conditional_micro_batches(
             rank, world, "no_sync", lambda step: {"reentrant": (2,) if step >= 2 else ()}),
         "frozen_later": frozen_later(rank, world),
+        "replaced": replaced_by_another_optimizer(rank, world),
     }
 
 
@@ -259,3 +287,11 @@ def test_block_frozen_during_training(world):
         o = r["frozen_later"]
         assert o["err"] <= 1.0 and o["kept"], o
         assert max(o["peaks"][1:]) <= 6 * BUCKET, o
+
+
+@pytest.mark.parametrize("world", [2])
+def test_deleted_optimizer_lets_go_of_the_gradients(world):
+    """Check that a deleted ShardedNovoGrad is freed at once and its hooks no longer take
+    the gradients that the next optimizer needs."""
+    for r in results(world):
+        assert r["replaced"] == {"freed": True, "grads": True}, r["replaced"]
