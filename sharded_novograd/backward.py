@@ -19,9 +19,8 @@
   that is running, and a nested one's layers are invisible to the outer one. So only
   layers that an earlier outermost backward on this rank reached are predicted
   (a layer reached so far only by nested backwards, or never, could be reached by a
-  nested one now), never those seen arriving in a nested backward (a graph task
-  other than the first hook's, or the first hook's when that one turned out nested),
-  and nothing is predicted from a first hook that runs inside a nested backward (one
+  nested one now), never those seen arriving in a nested backward (any graph task
+  other than the outermost one, told apart when the outermost ends), and nothing is predicted from a first hook that runs inside a nested backward (one
   started from an autograd Function's backward, as reentrant checkpointing does).
 """
 
@@ -71,8 +70,12 @@ class BackwardTracker:
 
     def reset(self) -> None:
         """Forget the backward in progress (step() and zero_grad(): a backward that raised
-        never ran its callbacks)."""
+        never ran its callbacks). Layers that arrived in another graph task than its first
+        hook's count as nested: which task was outermost is not known."""
         self._queued = False
+        for task, layers in self._task_layers.items():
+            if task != self._first_task:
+                self.nested.update(layers)
         self._task_layers = {}
 
     def arrived(self, layer: int) -> bool:
@@ -83,8 +86,6 @@ class BackwardTracker:
             self._nodes[layer] = node
         self._task_layers.setdefault(task, []).append(layer)
         if self._queued:
-            if task != self._first_task:
-                self.nested.add(layer)  # another graph task than the first hook's: nested
             return False
         self._queued = True
         self._first_task = task
@@ -122,7 +123,6 @@ class BackwardTracker:
         outer = torch._C._current_autograd_node()
         if outer is not None:
             # A backward nested in another one ended; the outer one goes on.
-            self.nested.update(self._task_layers.pop(task, ()))
             handle = []
 
             def resume(grad_inputs, grad_outputs):
@@ -131,7 +131,9 @@ class BackwardTracker:
 
             handle.append(outer.register_hook(resume))
             return
-        self.outer.update(self._task_layers.get(task, ()))  # arrived in the outermost backward
+        # The outermost backward ended: every other graph task was nested in it.
+        for other, layers in self._task_layers.items():
+            (self.outer if other == task else self.nested).update(layers)
         self._task_layers = {}
         # Queued again from here: DDP's own end-of-backward callback, queued after
         # ours, runs in between and writes the averaged gradients.

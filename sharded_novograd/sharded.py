@@ -405,8 +405,6 @@ class ShardedNovoGrad(torch.optim.Optimizer):
             for i in self._backward.unreached(self._params, idle):
                 if self._params[i].grad is None:
                     bk.skip(i)
-        if bk.unreached[layer]:
-            self._backward.nested.add(layer)  # reached after all: never predict it again
         if bk.arrived[layer] or bk.too_late(layer) or grad_problem(layer, p):
             return  # step() reports the problem on every rank
         bk.add(layer, g)
