@@ -45,13 +45,32 @@ def _batch(rank, step):
     return torch.randn(4, WIDTH, dtype=torch.float64, generator=g).requires_grad_()
 
 
+def _pair(**kwargs):
+    """The model under ShardedNovoGrad, and an identical copy under the reference NovoGrad."""
+    model, ref_model = _blocks(), _blocks()
+    return (model, ShardedNovoGrad(model.parameters(), lr=0.01, bucket_size=BUCKET, **kwargs),
+            ref_model, NovoGrad(ref_model.parameters(), lr=0.01))
+
+
+def _reference_step(ref_model, ref, world, micro_batches):
+    """One reference step fed the mean of every rank's gradient; ``micro_batches(r)``
+    lists rank r's micro-batches as (batch step, skipped blocks)."""
+    for r in range(world):
+        for b, skip in micro_batches(r):
+            (_forward(ref_model, _batch(r, b), skip) / world).backward()
+    ref.step()
+    ref.zero_grad()
+
+
+def _error(model, ref_model):
+    return max(close_ratio(p, q, 1e-10, 1e-12) for p, q in zip(model.parameters(), ref_model.parameters()))
+
+
 def _run(rank, world, plan, steps=5, **kwargs):
     """``plan(step, rank) -> (skip, reentrant)``. Returns the error against the reference,
     the peak buffered gradient elements per step, and whether every bucket left during
     backward."""
-    model, ref_model = _blocks(), _blocks()
-    opt = ShardedNovoGrad(model.parameters(), lr=0.01, bucket_size=BUCKET, **kwargs)
-    ref = NovoGrad(ref_model.parameters(), lr=0.01)
+    model, opt, ref_model, ref = _pair(**kwargs)
     peaks, all_sent = [], []
     for step in range(steps):
         skip, reentrant = plan(step, rank)
@@ -61,13 +80,8 @@ def _run(rank, world, plan, steps=5, **kwargs):
         all_sent.append(bk.pos == len(bk.order))
         opt.step()
         opt.zero_grad()
-        for r in range(world):
-            s, _ = plan(step, r)
-            (_forward(ref_model, _batch(r, step), s) / world).backward()
-        ref.step()
-        ref.zero_grad()
-    err = max(close_ratio(p, q, 1e-10, 1e-12) for p, q in zip(model.parameters(), ref_model.parameters()))
-    return {"err": err, "peaks": peaks, "all_sent": all_sent, "shard": opt.layout.shard_size}
+        _reference_step(ref_model, ref, world, lambda r: [(step, plan(step, r)[0])])
+    return {"err": _error(model, ref_model), "peaks": peaks, "all_sent": all_sent, "shard": opt.layout.shard_size}
 
 
 def _skips(step, rank):
@@ -82,9 +96,7 @@ def checkpointing_turned_on(rank, world):
     backward's engine does not see block 3, its buckets leave without it, and then the
     nested backward reaches it. Every rank raises, nothing changes, and the next steps
     (which wait for block 3) are exact."""
-    model, ref_model = _blocks(), _blocks()
-    opt = ShardedNovoGrad(model.parameters(), lr=0.01, bucket_size=BUCKET)
-    ref = NovoGrad(ref_model.parameters(), lr=0.01)
+    model, opt, ref_model, ref = _pair()
     out = {"error": None}
     for step in range(5):
         reentrant = (3,) if step >= 2 else ()
@@ -100,11 +112,8 @@ def checkpointing_turned_on(rank, world):
             continue
         opt.step()
         opt.zero_grad()
-        for r in range(world):
-            (_forward(ref_model, _batch(r, step)) / world).backward()
-        ref.step()
-        ref.zero_grad()
-    out["err"] = max(close_ratio(p, q, 1e-10, 1e-12) for p, q in zip(model.parameters(), ref_model.parameters()))
+        _reference_step(ref_model, ref, world, lambda r: [(step, ())])
+    out["err"] = _error(model, ref_model)
     return out
 
 
@@ -113,29 +122,21 @@ def conditional_micro_batches(rank, world, context, last=lambda step: {"skip": (
     default block 2 (a conditional branch, an expert) is used by the first only: the
     last backward does not reach it, and what the first left must still be reduced.
     ``last(step)`` gives the last micro-batch's ``skip`` and ``reentrant`` blocks."""
-    model, ref_model = _blocks(), _blocks()
-    opt = ShardedNovoGrad(model.parameters(), lr=0.01, bucket_size=BUCKET)
-    ref = NovoGrad(ref_model.parameters(), lr=0.01)
+    model, opt, ref_model, ref = _pair()
     for step in range(4):
         with getattr(opt, context)():
             _forward(model, _batch(rank, 10 * step)).backward()
         _forward(model, _batch(rank, 10 * step + 1), **last(step)).backward()
         opt.step()
         opt.zero_grad()
-        for r in range(world):
-            (_forward(ref_model, _batch(r, 10 * step)) / world).backward()
-            (_forward(ref_model, _batch(r, 10 * step + 1), last(step).get("skip", ())) / world).backward()
-        ref.step()
-        ref.zero_grad()
-    return max(close_ratio(p, q, 1e-10, 1e-12) for p, q in zip(model.parameters(), ref_model.parameters()))
+        _reference_step(ref_model, ref, world, lambda r: [(10 * step, ()), (10 * step + 1, last(step).get("skip", ()))])
+    return _error(model, ref_model)
 
 
 def frozen_later(rank, world):
     """Block 5 frozen (requires_grad=False) from step 2 on, as fine-tuning recipes do:
     it is no longer reachable, holds back nothing, and stays as it was."""
-    model, ref_model = _blocks(), _blocks()
-    opt = ShardedNovoGrad(model.parameters(), lr=0.01, bucket_size=BUCKET)
-    ref = NovoGrad(ref_model.parameters(), lr=0.01)
+    model, opt, ref_model, ref = _pair()
     peaks = []
     for step in range(5):
         if step == 2:
@@ -146,12 +147,9 @@ def frozen_later(rank, world):
         peaks.append(opt._buckets.peak_elements)
         opt.step()
         opt.zero_grad()
-        for r in range(world):
-            (_forward(ref_model, _batch(r, step)) / world).backward()
-        ref.step()
-        ref.zero_grad()
-    return {"err": max(close_ratio(p, q, 1e-10, 1e-12) for p, q in zip(model.parameters(), ref_model.parameters())),
-            "peaks": peaks, "kept": all(torch.equal(a, p) for a, p in zip(frozen, model[5].parameters()))}
+        _reference_step(ref_model, ref, world, lambda r: [(step, ())])
+    kept = all(torch.equal(a, p) for a, p in zip(frozen, model[5].parameters()))
+    return {"err": _error(model, ref_model), "peaks": peaks, "kept": kept}
 
 
 def replaced_by_another_optimizer(rank, world):
